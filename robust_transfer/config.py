@@ -1,0 +1,344 @@
+"""Typed parameters, validated once, with one-line errors that name the offending key.
+
+The stages read `params.yaml` and hand its sections to `load_section`; the library itself never
+reads params.yaml. Every section is a dataclass: an unknown key, a wrong type or an absurd value
+raises `ConfigError` naming the full key (`pretrain.epochs`), before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad parameter or input file; its message is one line naming the culprit."""
+
+
+DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "svhn", "imagefolder", "parquet")
+ARCHS = ("small_cnn", "preact_resnet18", "wide_resnet")
+NORMS = ("Linf", "L2")
+SOURCE_OBJECTIVES = ("natural", "pgd_at", "trades", "fgsm_rs", "cartl")
+TRANSFER_METHODS = ("linear", "last_k", "finetune", "lwf", "cartl", "nfd", "rrm", "target_at")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None  # None: the dataset's usual place (Debian package, torchvision cache)
+    source_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    target_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    target_dataset: Optional[str] = None  # a different dataset as the target, resized to the source's shape
+    target_root: Optional[str] = None
+    disjoint: bool = True  # source and target classes must not overlap (same dataset)
+    shots: int = 20  # target training images per class
+    val_shots: int = 5  # of those, per class, held out as tune's validation split
+    source_train_size: Optional[int] = None  # cap on source training images (stratified); None: all
+    source_test_size: Optional[int] = None
+    target_test_size: Optional[int] = None
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _choice(f"{key}.dataset", self.dataset, DATASETS)
+        if self.target_dataset is not None:
+            _choice(f"{key}.target_dataset", self.target_dataset, DATASETS)
+        _positive(f"{key}.shots", self.shots)
+        if not 0 <= self.val_shots < self.shots:
+            raise ConfigError(f"{key}.val_shots must be in [0, shots={self.shots}), got {self.val_shots}")
+        for name in ("source_classes", "target_classes"):
+            classes = getattr(self, name)
+            if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+                raise ConfigError(f"{key}.{name} must be distinct non-negative class ids, got {classes}")
+        if len(self.source_classes) < 2 or len(self.target_classes) < 2:
+            raise ConfigError(f"{key}: source_classes and target_classes need at least 2 classes each")
+        same = self.target_dataset in (None, self.dataset)
+        overlap = sorted(set(self.source_classes) & set(self.target_classes))
+        if same and self.disjoint and overlap:
+            raise ConfigError(f"{key}.target_classes overlap source_classes {overlap} while {key}.disjoint is true")
+        for name in ("source_train_size", "source_test_size", "target_test_size"):
+            if getattr(self, name) is not None:
+                _positive(f"{key}.{name}", getattr(self, name))
+
+
+@dataclass
+class ThreatConfig:
+    norm: str = "Linf"
+    eps: float = 0.1  # on the [0, 1] pixel scale, as RobustBench names it
+    step_size: float = 0.025  # eps / 4
+    train_steps: int = 7  # PGD steps while training (PGD-AT, TRADES, CARTL, target AT)
+    eval_steps: int = 20
+    restarts: int = 1
+
+    def validate(self, key: str) -> None:
+        _choice(f"{key}.norm", self.norm, NORMS)
+        limit = 1.0 if self.norm == "Linf" else 50.0
+        if not (0 < self.eps <= limit) or not math.isfinite(self.eps):
+            raise ConfigError(f"{key}.eps must be in (0, {limit}] for {self.norm}, got {self.eps}")
+        if not (0 < self.step_size <= self.eps * 4):
+            raise ConfigError(f"{key}.step_size must be in (0, 4*eps], got {self.step_size}")
+        _positive(f"{key}.train_steps", self.train_steps)
+        _positive(f"{key}.eval_steps", self.eval_steps)
+        _positive(f"{key}.restarts", self.restarts)
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 2
+    max_failures: int = 2  # Ray Train restarts a dead worker group this often, from the last checkpoint
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.num_workers", self.num_workers)
+        _positive(f"{key}.cpus_per_worker", self.cpus_per_worker)
+        if self.max_failures < -1:
+            raise ConfigError(f"{key}.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "robust-transfer"
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a SQLite file in the project
+
+    def validate(self, key: str) -> None:
+        if not self.experiment:
+            raise ConfigError(f"{key}.experiment must not be empty")
+
+
+@dataclass
+class TrainConfig:
+    """How one model is trained; every objective and method section may override these."""
+
+    arch: str = "small_cnn"
+    width: int = 1
+    epochs: int = 4
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    augment: bool = False  # random crop + flip (CIFAR-like data only)
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _choice(f"{key}.arch", self.arch, ARCHS)
+        _choice(f"{key}.optimizer", self.optimizer, ("sgd", "adam"))
+        _choice(f"{key}.schedule", self.schedule, ("onecycle", "cosine", "constant"))
+        _positive(f"{key}.width", self.width)
+        _positive(f"{key}.epochs", self.epochs)
+        _positive(f"{key}.batch_size", self.batch_size)
+        if not (0 < self.lr < 10):
+            raise ConfigError(f"{key}.lr must be in (0, 10), got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{key}.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+# Method-specific options: name -> default (the default's type is the type checked).
+# Defaults are those of the papers' public code (see shared/DESIGN.md, Methods).
+OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "natural": {},
+    "pgd_at": {},
+    "trades": {"beta": 6.0},
+    "fgsm_rs": {"alpha_ratio": 1.25, "guard_every": 20, "guard_drop": 0.2},
+    "cartl": {"lam": 0.005, "k": 1},
+    "linear": {"source": "robust", "on_features": True},
+    "last_k": {"source": "robust", "k": 1},
+    "finetune": {"source": "robust", "freeze_bn": False},
+    "lwf": {"source": "robust", "lam": 0.005, "head_only_frac": 0.5, "freeze_bn": True},
+    "nfd": {"source": "robust", "lam": 1.0, "dropout": 0.1, "swa_frac": 0.25, "head_weight_decay": 5e-3},
+    "rrm": {"teacher": "target_at", "student_arch": "small_cnn", "student_width": 2, "w_ce": 0.005},
+    "target_at": {"source": "robust", "init": "source"},  # init: scratch | source
+}
+# CARTL fine-tuning reuses the name of its pre-training objective; its own options:
+OBJECTIVE_OPTIONS["cartl_transfer"] = {"source": "cartl", "k": 1, "beta": 0.4, "power_iters": 1, "freeze_bn": True}
+
+
+def method_options(method: str, overrides: dict[str, Any], key: str) -> dict[str, Any]:
+    """The method's options with `overrides` applied, each checked for name and type."""
+    defaults = OBJECTIVE_OPTIONS[method]
+    out = dict(defaults)
+    for name, value in overrides.items():
+        if name not in defaults:
+            raise ConfigError(_unknown(f"{key}.{name}", name, defaults))
+        out[name] = _coerce(f"{key}.{name}", value, type(defaults[name]))
+    return out
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return params
+
+
+def load_section(cls: type, params: dict[str, Any], key: str, extra: tuple[str, ...] = ()) -> Any:
+    """Build dataclass `cls` from params[key]; keys listed in `extra` are left to the caller."""
+    raw = params.get(key, {}) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key} must be a mapping, got {type(raw).__name__}")
+    return build(cls, {k: v for k, v in raw.items() if k not in extra}, key)
+
+
+def build(cls: type, raw: dict[str, Any], key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in names:
+            raise ConfigError(_unknown(f"{key}.{name}", name, names))
+        kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if hint is dict or typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _unknown(key: str, name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return f"unknown parameter {key}{hint}"
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: unknown value '{value}', expected one of {', '.join(choices)}{hint}")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------- pipeline sections
+SECTIONS = ("data", "threat", "ray", "mlflow", "pretrain", "extract", "tune", "transfer", "evaluate", "report",
+            "register")
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def check_sections(params: dict[str, Any]) -> None:
+    for name in params:
+        if name not in SECTIONS:
+            raise ConfigError(_unknown(name, name, SECTIONS))
+
+
+def job_config(base: dict[str, Any], entry: dict[str, Any], method: str, key: str) -> tuple[TrainConfig, dict]:
+    """Split one pretrain/transfer entry into its training settings (over `base`) and method options."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key} must be a mapping, got {entry!r}")
+    train = {k: v for k, v in entry.items() if k in TRAIN_FIELDS}
+    rest = {k: v for k, v in entry.items() if k not in TRAIN_FIELDS}
+    cfg = build(TrainConfig, {**(base or {}), **train}, key)
+    return cfg, method_options(method, rest, key)
+
+
+def pretrain_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig, dict]]:
+    """{source name: (objective, train config, options)} from the `pretrain` section."""
+    sec = params.get("pretrain") or {}
+    unknown = set(sec) - {"train", "sources"}
+    if unknown:
+        raise ConfigError(_unknown(f"pretrain.{sorted(unknown)[0]}", sorted(unknown)[0], ("train", "sources")))
+    sources = sec.get("sources") or {}
+    if not sources:
+        raise ConfigError("pretrain.sources must name at least one source model")
+    out = {}
+    for name, entry in sources.items():
+        entry = dict(entry or {})
+        objective = entry.pop("objective", name)
+        _choice(f"pretrain.sources.{name}.objective", objective, SOURCE_OBJECTIVES)
+        cfg, opts = job_config(sec.get("train"), entry, objective, f"pretrain.sources.{name}")
+        out[name] = (objective, cfg, opts)
+    return out
+
+
+def transfer_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig, dict]]:
+    """{model name: (method, train config, options)} from the `transfer` section."""
+    sec = params.get("transfer") or {}
+    unknown = set(sec) - {"train", "models"}
+    if unknown:
+        raise ConfigError(_unknown(f"transfer.{sorted(unknown)[0]}", sorted(unknown)[0], ("train", "models")))
+    sources = pretrain_entries(params)
+    out = {}
+    for name, entry in (sec.get("models") or {}).items():
+        entry = dict(entry or {})
+        method = entry.pop("method", name)
+        _choice(f"transfer.models.{name}.method", method, TRANSFER_METHODS)
+        options_key = "cartl_transfer" if method == "cartl" else method
+        cfg, opts = job_config(sec.get("train"), entry, options_key, f"transfer.models.{name}")
+        for ref in ("source",):
+            if ref in opts and opts[ref] not in sources and not str(opts[ref]).startswith("models:/"):
+                raise ConfigError(f"transfer.models.{name}.{ref}: '{opts[ref]}' is not a source in pretrain.sources "
+                                  f"({', '.join(sources)}) nor a registry URI models:/<name>@<alias>")
+        if method == "rrm":
+            models = sec.get("models") or {}
+            if opts["teacher"] not in models and opts["teacher"] not in sources:
+                raise ConfigError(f"transfer.models.{name}.teacher: '{opts['teacher']}' is neither a transfer model "
+                                  f"nor a source")
+            _choice(f"transfer.models.{name}.student_arch", opts["student_arch"], ARCHS)
+        out[name] = (method, cfg, opts)
+    return out
+
+
+def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Load params.yaml and validate every section, so a bad key stops any stage before work starts."""
+    params = load_params(path)
+    check_sections(params)
+    load_section(DataConfig, params, "data")
+    load_section(ThreatConfig, params, "threat")
+    load_section(RayConfig, params, "ray")
+    load_section(MlflowConfig, params, "mlflow")
+    pretrain_entries(params)
+    transfer_entries(params)
+    return params

@@ -1,0 +1,379 @@
+"""The Ray Train loop: TorchTrainer, DDP, checkpoints, resume, metrics.
+
+A stage describes a training job as a plain dict (`job`); every worker rebuilds the job's `Plan`
+(network, objective, data) from it with `methods.build_plan`, so nothing unpicklable crosses
+process boundaries and the same job runs on a laptop CPU or a multi-GPU cluster.
+
+Fault tolerance: the Ray Train run is named after a hash of the job, so the same job started again
+(after a crash, a kill or a Ctrl-C of `dvc repro`) restores from its latest checkpoint, while a
+changed job starts afresh. `FailureConfig(max_failures)` restarts dead workers within a run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, RayConfig, TrainConfig
+from .objectives import Context, Step
+
+
+@dataclass
+class Plan:
+    """Everything one training job needs, built inside each worker by `methods.build_plan`."""
+
+    net: nn.Module  # what is trained and saved
+    objective: Callable[..., Step]
+    ctx: Context
+    train: dict[str, torch.Tensor]  # x, y and any cached per-image teacher outputs
+    val: tuple[torch.Tensor, torch.Tensor]  # a held split for per-epoch clean/PGD accuracy
+    params: list  # trainable parameters (or param groups)
+    train_cfg: TrainConfig
+    spec: dict  # nets.net_spec: rebuilds `net`
+    after_step: Optional[Callable[[], None]] = None  # e.g. CARTL's spectral normalisation
+    on_epoch: Optional[Callable[[int], None]] = None  # e.g. LwF's head-only first half
+    frozen_bn: list = field(default_factory=list)  # BatchNorm modules kept in eval mode
+    swa_epochs: int = 0  # last epochs averaged (SWA), BN statistics recomputed at the end
+    guard: bool = False  # stop and roll back when a PGD check collapses (fast AT)
+
+
+class TrainModule(nn.Module):
+    """Net + learnable extras; `forward(batch)` is the objective, so DDP syncs exactly what it uses."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.net, self.aux = plan.net, plan.ctx.aux
+        self.objective, self.ctx = plan.objective, plan.ctx
+
+    def forward(self, batch):
+        step = self.objective(self.net, batch, self.ctx)
+        return step.loss, step.logits, step.passes
+
+
+# ----------------------------------------------------------------------------- Ray runtime
+def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
+    """Join the cluster at $RAY_ADDRESS, or start a local Ray; check that the job fits."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address and address != "auto" and not address.startswith("ray://"):
+            _check_reachable(address, timeout_s)
+        try:
+            ray.init(address=address or None, include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=True, configure_logging=True)
+        except Exception as exc:
+            raise ConfigError(f"RAY_ADDRESS={address}: cannot connect to a Ray cluster "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    res = ray.cluster_resources()
+    if ray_cfg.use_gpu and res.get("GPU", 0) < ray_cfg.num_workers:
+        raise ConfigError(f"ray.use_gpu is true but the cluster has {int(res.get('GPU', 0))} GPU(s) for "
+                          f"ray.num_workers={ray_cfg.num_workers}; set ray.use_gpu: false or add GPUs")
+    need = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    if res.get("CPU", 0) < need:
+        raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs, but the cluster has "
+                          f"{int(res.get('CPU', 0))}; lower ray.num_workers or ray.cpus_per_worker")
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        raise ConfigError(f"RAY_ADDRESS={address} is not reachable (no Ray head answers there); "
+                          f"start one with `ray start --head` or unset RAY_ADDRESS") from None
+
+
+def job_hash(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- driver side
+@dataclass
+class TrainResult:
+    state: dict  # final weights of the trained net
+    spec: dict
+    history: list[dict]  # one row of metrics per epoch
+    seconds: float  # wall time of the training loop itself (workers)
+    passes: float  # forward+backward image passes
+    stopped_early: Optional[str] = None
+
+
+def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
+    """Run `job` as a Ray Train TorchTrainer and return the trained weights and metrics."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    connect(ray_cfg)
+    job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker)
+    run_name = f"{name}-{job_hash(job)}"
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # a worker's ConfigError (bad checkpoint, bad table) stays one line
+        lines = [ln for ln in str(exc).splitlines() if "ConfigError: " in ln]
+        if lines:
+            raise ConfigError(lines[-1].split("ConfigError: ", 1)[1]) from None
+        raise
+    if (result.metrics or {}).get("failed"):
+        raise ConfigError(f"{name}: {result.metrics['failed']}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    return TrainResult(state["final"] or state["net"], state["spec"], state["history"], state["seconds"],
+                       state["passes"], state.get("stopped_early"))
+
+
+# ----------------------------------------------------------------------------- worker side
+def train_loop_per_worker(job: dict) -> None:
+    import ray.train
+    import ray.train.torch as rtt
+
+    from .methods import build_plan
+
+    torch.set_num_threads(int(job["cpus_per_worker"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = rtt.get_device()
+    plan = build_plan(job, device)
+    cfg = plan.train_cfg
+    torch.manual_seed(cfg.seed + rank)
+    module = TrainModule(plan).to(device)
+    if plan.ctx.teacher is not None:
+        plan.ctx.teacher.to(device).eval()
+    model = module
+    if world > 1:
+        model = rtt.prepare_model(module, move_to_device=False,
+                                  parallel_strategy_kwargs={"find_unused_parameters": True})
+    params = list(plan.params) + [p for p in plan.ctx.aux.parameters()]
+    opt = _optimizer(params, cfg)
+    n = len(plan.train["y"])
+    per_rank = max(1, math.ceil(n / world))
+    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+    sched = _schedule(opt, cfg, steps_per_epoch)
+    swa_net = None
+    state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume: weights, optimiser, schedule and counters from the latest epoch
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+        module.load_state_dict(saved["module"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        for key in ("epoch", "history", "seconds", "passes", "stopped_early"):
+            state[key] = saved[key]
+        if saved.get("swa"):
+            swa_net = _swa_init(plan.net)
+            swa_net.load_state_dict(saved["swa"])
+        if state["stopped_early"]:
+            _report(module, opt, sched, swa_net, plan, state, rank, final=True)
+            return
+
+    data = {k: v.to(device) for k, v in plan.train.items()}
+    val_x, val_y = plan.val[0].to(device), plan.val[1].to(device)
+    guard_x, guard_y = data["x"][:256], data["y"][:256]
+    bar = _progress(rank, cfg.epochs, state["epoch"] + 1, job.get("name", "train"))
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        t0 = time.perf_counter()
+        if plan.on_epoch:
+            plan.on_epoch(epoch)
+        module.train()
+        for bn in plan.frozen_bn:
+            bn.eval()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=g)[rank::world].to(device)
+        tot_loss, tot_correct, seen, passes = 0.0, 0, 0, 0.0
+        for step_i in range(steps_per_epoch):
+            idx = order[step_i * cfg.batch_size:(step_i + 1) * cfg.batch_size]
+            if len(idx) == 0:
+                idx = order[:cfg.batch_size]  # keep every rank stepping in lockstep
+            batch = {k: v[idx] for k, v in data.items()}
+            if cfg.augment:
+                batch["x"] = _augment(batch["x"])
+            loss, logits, step_passes = model(batch)
+            if not torch.isfinite(loss):
+                state["stopped_early"] = (f"loss became {loss.item()} at epoch {epoch} step {step_i}; "
+                                          f"kept the last good checkpoint (epoch {state['epoch']})")
+                _report_failure(state, plan)
+                return
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if swa_net is None:
+                sched.step()
+            if plan.after_step:
+                plan.after_step()
+            tot_loss += loss.item() * len(idx)
+            tot_correct += (logits.argmax(1) == batch["y"]).sum().item()
+            seen += len(idx)
+            passes += step_passes * len(idx)
+            if plan.guard and (step_i + 1) % max(1, plan.ctx.options.get("guard_every", 20)) == 0:
+                if _guard_tripped(plan, state, guard_x, guard_y, module):
+                    break
+        if swa_net is None and plan.swa_epochs and epoch >= cfg.epochs - plan.swa_epochs:
+            swa_net = _swa_init(plan.net)
+        if swa_net is not None:
+            swa_net.update_parameters(plan.net)
+        state["seconds"] += time.perf_counter() - t0
+        state["passes"] += passes * world
+        row = {"epoch": epoch, "train_loss": tot_loss / max(seen, 1), "train_acc": tot_correct / max(seen, 1)}
+        row.update(_validate(plan, val_x, val_y))
+        row.update(epoch_seconds=time.perf_counter() - t0, passes=state["passes"])
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if bar is not None:
+            bar.set_description(f"{job.get('name', 'train')} " + " ".join(
+                f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "passes", "epoch_seconds")))
+            bar.update(1)
+        final = epoch == cfg.epochs - 1 or state["stopped_early"]
+        _report(module, opt, sched, swa_net, plan, state, rank, final=bool(final), data=data)
+        if state["stopped_early"]:
+            break
+    if bar is not None:
+        bar.close()
+
+
+def _progress(rank: int, total: int, start: int, name: str):
+    if rank != 0:
+        return None
+    try:  # Ray's tqdm forwards one clean bar per worker to the driver
+        from ray.experimental.tqdm_ray import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    bar = tqdm(total=total, desc=name, unit="epoch")
+    if start:
+        bar.update(start)
+    return bar
+
+
+def _optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """Random crop (pad 4) and horizontal flip, batched on the device."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    i, j = torch.randint(0, 9, (2,)).tolist()
+    return padded[:, :, i:i + h, j:j + w].contiguous()
+
+
+def _swa_init(net):
+    from torch.optim.swa_utils import AveragedModel
+
+    return AveragedModel(net)
+
+
+@torch.no_grad()
+def _clean_acc(net, x, y, bs=500) -> float:
+    return sum((net(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum().item() for i in range(0, len(y), bs)) / max(len(y), 1)
+
+
+def _validate(plan: Plan, x, y) -> dict:
+    from . import attacks
+
+    net, t = plan.net, plan.ctx.threat
+    was = net.training
+    net.eval()
+    out = {"val_clean_acc": _clean_acc(net, x, y)}
+    xs, ys = x[:200], y[:200]  # a quick PGD check on a fixed slice: the trend, not the final number
+    x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
+    out["val_pgd_acc"] = _clean_acc(net, x_adv, ys)
+    net.train(was)
+    return out
+
+
+def _guard_tripped(plan: Plan, state: dict, x, y, module) -> bool:
+    """Fast AT's guard (Wong et al.): PGD accuracy on a held training batch; a collapse below the best
+    by more than `guard_drop` means catastrophic overfitting: roll back to the best weights and stop."""
+    from . import attacks
+
+    net, t = plan.net, plan.ctx.threat
+    net.eval()
+    acc = _clean_acc(net, attacks.pgd(net, x, y, t.eps, t.step_size, 5, t.norm), y)
+    net.train()
+    for bn in plan.frozen_bn:
+        bn.eval()
+    best = state["best_guard"]
+    if best is None or acc >= best[0]:
+        state["best_guard"] = (acc, copy.deepcopy(module.state_dict()))
+        return False
+    if acc < best[0] - plan.ctx.options.get("guard_drop", 0.2):
+        module.load_state_dict(best[1])
+        state["stopped_early"] = f"catastrophic overfitting: PGD check fell to {acc:.3f} from {best[0]:.3f}; rolled back"
+        return True
+    return False
+
+
+def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, final: bool, data=None) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = dict(state["history"][-1]) if state["history"] else {}
+    metrics["done"] = final
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    final_state = None
+    if final and swa_net is not None:
+        from torch.optim.swa_utils import update_bn
+
+        # SWA's averaged weights need BN statistics of their own: one pass over the training data.
+        loader = [data["x"][i:i + 256] for i in range(0, len(data["x"]), 256)] if data else []
+        update_bn(loader, swa_net)
+        final_state = {k: v.cpu() for k, v in swa_net.module.state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({
+            "module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "swa": swa_net.state_dict() if swa_net is not None else None,
+            "net": {k: v.cpu() for k, v in plan.net.state_dict().items()}, "final": final_state,
+            "spec": plan.spec, "epoch": state["epoch"], "history": state["history"],
+            "seconds": state["seconds"], "passes": state["passes"], "stopped_early": state["stopped_early"],
+        }, Path(d) / "state.pt")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _report_failure(state: dict, plan: Plan) -> None:
+    """NaN/inf loss: report the reason without a checkpoint, so the last good one stays the latest."""
+    import ray.train
+
+    ray.train.report({"failed": state["stopped_early"]})

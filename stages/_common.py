@@ -1,0 +1,42 @@
+"""What every stage does the same way: parse arguments, load params, turn errors into one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from robust_transfer.config import ConfigError, load_all
+
+
+def run(main: Callable[[argparse.Namespace, dict], None], add_args: Callable[[argparse.ArgumentParser], None] = None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default="params.yaml", help="the pipeline's params file")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args()
+    try:
+        params = load_all(args.params)
+        main(args, params)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write_history(history: list[dict], path) -> None:
+    """Per-epoch metrics as a CSV (a DVC plot), written atomically."""
+    import csv
+    import io
+    import os
+    from pathlib import Path
+
+    from robust_transfer.data import atomic_path
+
+    path = Path(path)
+    tmp = atomic_path(path)
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)

@@ -1,0 +1,39 @@
+"""prepare: the dataset -> Parquet tables for the source and the few-shot target task, plus a data card.
+
+outs: data/{source_train,source_test,target_train,target_fit,target_val,target_test}.parquet, data/card.json
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from robust_transfer.config import DataConfig, load_section
+from robust_transfer.data import make_task_split, sha256_file, to_table, write_json, write_table
+from stages._common import run
+
+OUT = Path("data")
+
+
+def main(args, params) -> None:
+    cfg = load_section(DataConfig, params, "data")
+    split = make_task_split(cfg)
+    card = {"dataset": cfg.dataset, "target_dataset": cfg.target_dataset or cfg.dataset,
+            "source_classes": cfg.source_classes, "target_classes": cfg.target_classes,
+            "shots": cfg.shots, "val_shots": cfg.val_shots, "seed": cfg.seed, "tables": {}}
+    for name, (images, labels, orig, names) in split.items():
+        path = OUT / f"{name}.parquet"
+        write_table(to_table(images, labels, orig, names), path)
+        card["tables"][name] = {
+            "rows": int(len(labels)), "class_names": names, "image_shape": list(images.shape[1:]),
+            "counts": {names[c]: int(n) for c, n in zip(*np.unique(labels, return_counts=True))},
+            "sha256": sha256_file(path),
+        }
+        print(f"prepare: {name}: {len(labels)} images of shape {tuple(images.shape[1:])}, {len(names)} classes")
+    card["data_hash"] = hashlib.sha256("".join(t["sha256"] for t in card["tables"].values()).encode()).hexdigest()
+    write_json(card, OUT / "card.json")
+
+
+if __name__ == "__main__":
+    run(main)

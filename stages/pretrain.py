@@ -1,0 +1,66 @@
+"""pretrain: one source model (a `pretrain.sources` entry) trained on the source task as a Ray Train job.
+
+outs: models/source_<name>.pt, metrics/pretrain_<name>.json, plots/pretrain_<name>.csv
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from robust_transfer import engine, evaluation, tracking
+from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayConfig, ThreatConfig, load_section,
+                                    pretrain_entries)
+from robust_transfer.data import read_image_table, verify_card, write_json
+from robust_transfer.nets import from_spec, save_model
+from stages._common import run, write_history
+
+
+def main(args, params) -> None:
+    sources = pretrain_entries(params)
+    if args.source not in sources:
+        raise ConfigError(f"pretrain: no source '{args.source}' in pretrain.sources ({', '.join(sources)})")
+    objective, cfg, options = sources[args.source]
+    data_cfg = load_section(DataConfig, params, "data")
+    threat = load_section(ThreatConfig, params, "threat")
+    ray_cfg = load_section(RayConfig, params, "ray")
+    ml_cfg = load_section(MlflowConfig, params, "mlflow")
+    tables = {t: Path("data") / f"{t}.parquet" for t in ("source_train", "source_test")}
+    card = verify_card("data/card.json", tables)
+    job = {
+        "name": f"pretrain-{args.source}", "kind": "pretrain", "method": objective, "options": options,
+        "train": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),
+        "paths": {"train": str(tables["source_train"].resolve()), "val": str(tables["source_test"].resolve())},
+        "num_classes": len(data_cfg.source_classes), "data_hash": card["data_hash"],
+    }
+    run_params = {"objective": objective, "train": dataclasses.asdict(cfg), "options": options,
+                  "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
+    with tracking.stage_run(ml_cfg, f"pretrain-{args.source}", run_params, card["data_hash"],
+                            tags={"source": args.source, "objective": objective}) as mlrun:
+        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"])
+        net = from_spec(result.spec)
+        net.load_state_dict(result.state)
+        x, y = read_image_table(tables["source_test"]).tensors()
+        metrics = {
+            "clean_acc": evaluation.accuracy(net, x, y),
+            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat),
+            "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
+            "train_seconds": result.seconds, "train_passes": result.passes,
+            "stopped_early": result.stopped_early,
+        }
+        print(f"pretrain {args.source}: clean {metrics['clean_acc']:.3f}, "
+              f"PGD-{threat.eval_steps} {metrics['pgd_acc']:.3f} (eps {threat.eps}) in {result.seconds:.0f}s")
+        tracking.log_history(result.history)
+        import mlflow
+
+        mlflow.log_metrics({f"source_test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        out = Path("models") / f"source_{args.source}.pt"
+        save_model(net, result.spec, out, extra={"run_id": mlrun.info.run_id, "objective": objective,
+                                                  "data_hash": card["data_hash"], "source": args.source})
+        mlflow.log_artifact(str(out), artifact_path="checkpoint")
+        write_json(metrics, Path("metrics") / f"pretrain_{args.source}.json")
+        write_history(result.history, Path("plots") / f"pretrain_{args.source}.csv")
+
+
+if __name__ == "__main__":
+    run(main, lambda p: p.add_argument("source", help="a key of pretrain.sources"))
