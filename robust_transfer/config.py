@@ -154,7 +154,7 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "finetune": {"source": "robust", "freeze_bn": False},
     "lwf": {"source": "robust", "lam": 0.005, "head_only_frac": 0.5, "freeze_bn": True},
     "nfd": {"source": "robust", "lam": 1.0, "dropout": 0.1, "swa_frac": 0.25, "head_weight_decay": 5e-3},
-    "rrm": {"teacher": "target_at", "student_arch": "small_cnn", "student_width": 2, "w_ce": 0.005},
+    "rrm": {"source": "target_at_source", "student_arch": "small_cnn", "student_width": 2, "w_ce": 0.005},
     "target_at": {"source": "robust", "init": "source"},  # init: scratch | source
 }
 # CARTL fine-tuning reuses the name of its pre-training objective; its own options:
@@ -306,9 +306,10 @@ def pretrain_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig
 def transfer_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig, dict]]:
     """{model name: (method, train config, options)} from the `transfer` section."""
     sec = params.get("transfer") or {}
-    unknown = set(sec) - {"train", "models"}
+    unknown = set(sec) - {"train", "models", "eval_size"}
     if unknown:
-        raise ConfigError(_unknown(f"transfer.{sorted(unknown)[0]}", sorted(unknown)[0], ("train", "models")))
+        raise ConfigError(_unknown(f"transfer.{sorted(unknown)[0]}", sorted(unknown)[0], ("train", "models", "eval_size")))
+    _coerce("transfer.eval_size", sec.get("eval_size", 1000), int)
     sources = pretrain_entries(params)
     out = {}
     for name, entry in (sec.get("models") or {}).items():
@@ -317,15 +318,17 @@ def transfer_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig
         _choice(f"transfer.models.{name}.method", method, TRANSFER_METHODS)
         options_key = "cartl_transfer" if method == "cartl" else method
         cfg, opts = job_config(sec.get("train"), entry, options_key, f"transfer.models.{name}")
-        for ref in ("source",):
-            if ref in opts and opts[ref] not in sources and not str(opts[ref]).startswith("models:/"):
-                raise ConfigError(f"transfer.models.{name}.{ref}: '{opts[ref]}' is not a source in pretrain.sources "
-                                  f"({', '.join(sources)}) nor a registry URI models:/<name>@<alias>")
+        if name in sources:
+            raise ConfigError(f"transfer.models.{name}: the name is taken by a source in pretrain.sources")
+        # Every entry names its `source` (the DVC template's dependency): a source model, or for rrm
+        # the adversarially trained teacher, which may be another transfer model.
+        models = sec.get("models") or {}
+        known = set(sources) | (set(models) - {name} if method == "rrm" else set())
+        if "source" not in entry:
+            raise ConfigError(f"transfer.models.{name}.source is required (one of {', '.join(sorted(known))})")
+        if opts["source"] not in known:
+            raise ConfigError(f"transfer.models.{name}.source: '{opts['source']}' is not one of {', '.join(sorted(known))}")
         if method == "rrm":
-            models = sec.get("models") or {}
-            if opts["teacher"] not in models and opts["teacher"] not in sources:
-                raise ConfigError(f"transfer.models.{name}.teacher: '{opts['teacher']}' is neither a transfer model "
-                                  f"nor a source")
             _choice(f"transfer.models.{name}.student_arch", opts["student_arch"], ARCHS)
         out[name] = (method, cfg, opts)
     return out
@@ -339,6 +342,18 @@ def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     load_section(ThreatConfig, params, "threat")
     load_section(RayConfig, params, "ray")
     load_section(MlflowConfig, params, "mlflow")
+    load_section(ExtractConfig, params, "extract")
     pretrain_entries(params)
     transfer_entries(params)
     return params
+
+
+@dataclass
+class ExtractConfig:
+    ks: list[int] = field(default_factory=lambda: [2])  # also store the input of the last k blocks
+    batch_size: int = 512
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.batch_size", self.batch_size)
+        if any(k < 1 for k in self.ks):
+            raise ConfigError(f"{key}.ks must be >= 1, got {self.ks}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -67,13 +68,18 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
     """Join the cluster at $RAY_ADDRESS, or start a local Ray; check that the job fits."""
     import ray
 
+    # Ray Train V2 polls its workers every 2 s by default: a short job would spend most of its
+    # start-up and tear-down waiting. These only set defaults; the environment overrides them.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address and address != "auto" and not address.startswith("ray://"):
             _check_reachable(address, timeout_s)
         try:
-            ray.init(address=address or None, include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=True, configure_logging=True)
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
+                     logging_config=ray.LoggingConfig(log_level="WARNING"))
         except Exception as exc:
             raise ConfigError(f"RAY_ADDRESS={address}: cannot connect to a Ray cluster "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
@@ -155,6 +161,7 @@ def train_loop_per_worker(job: dict) -> None:
 
     from .methods import build_plan
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # progress comes from our own bar
     torch.set_num_threads(int(job["cpus_per_worker"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -169,7 +176,10 @@ def train_loop_per_worker(job: dict) -> None:
     if world > 1:
         model = rtt.prepare_model(module, move_to_device=False,
                                   parallel_strategy_kwargs={"find_unused_parameters": True})
-    params = list(plan.params) + [p for p in plan.ctx.aux.parameters()]
+    params = list(plan.params)
+    aux_params = list(plan.ctx.aux.parameters())
+    if aux_params:  # plans may give plain params or param groups; aux (e.g. NFD's 1x1 convs) joins as its own
+        params = params + ([{"params": aux_params}] if isinstance(params[0], dict) else aux_params)
     opt = _optimizer(params, cfg)
     n = len(plan.train["y"])
     per_rank = max(1, math.ceil(n / world))

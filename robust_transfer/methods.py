@@ -212,10 +212,10 @@ def nfd(job: dict) -> Plan:
 def rrm(job: dict) -> Plan:
     """Robust representation matching (Vaishnavi et al.): a student of any architecture trained on clean
     target images with w_ce * CE - cos(z_student, z_teacher), the teacher adversarially trained on the
-    same task (by default the `target_at` model)."""
+    same task (its `source`: by default the `target_at_source` model)."""
     cfg, threat, data, val = _common(job)
     opts = job["options"]
-    teacher = _teacher(job["paths"]["teacher"])
+    teacher = _teacher(job["paths"]["source"])
     c, h = data["x"].shape[1], data["x"].shape[2]
     torch.manual_seed(cfg.seed)
     net = build_net(opts["student_arch"], c, job["num_classes"], h, opts["student_width"])

@@ -1,6 +1,6 @@
 """pretrain: one source model (a `pretrain.sources` entry) trained on the source task as a Ray Train job.
 
-outs: models/source_<name>.pt, metrics/pretrain_<name>.json, plots/pretrain_<name>.csv
+outs: models/<name>.pt, metrics/pretrain_<name>.json, plots/pretrain_<name>.csv
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main(args, params) -> None:
         import mlflow
 
         mlflow.log_metrics({f"source_test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        out = Path("models") / f"source_{args.source}.pt"
+        out = Path("models") / f"{args.source}.pt"
         save_model(net, result.spec, out, extra={"run_id": mlrun.info.run_id, "objective": objective,
                                                   "data_hash": card["data_hash"], "source": args.source})
         mlflow.log_artifact(str(out), artifact_path="checkpoint")

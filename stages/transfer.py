@@ -1,0 +1,86 @@
+"""transfer: one target model (a `transfer.models` entry) trained by its method as a Ray Train job.
+
+outs: models/<name>.pt, metrics/transfer_<name>.json, plots/transfer_<name>.csv
+The metrics are clean accuracy on the whole target test set and PGD accuracy (eval_steps, nominal
+eps) on its first `transfer.eval_size` images; the evaluate stage measures robustness in full.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import mlflow
+
+from robust_transfer import engine, evaluation, tracking
+from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayConfig, ThreatConfig, load_section,
+                                    transfer_entries)
+from robust_transfer.data import read_image_table, verify_card, write_json
+from robust_transfer.nets import from_spec, load_model, save_model
+from stages._common import run, write_history
+
+TABLES = ("target_train", "target_val", "target_test")
+
+
+def main(args, params) -> None:
+    models = transfer_entries(params)
+    if args.model not in models:
+        raise ConfigError(f"transfer: no model '{args.model}' in transfer.models ({', '.join(models)})")
+    method, cfg, options = models[args.model]
+    data_cfg = load_section(DataConfig, params, "data")
+    threat = load_section(ThreatConfig, params, "threat")
+    ray_cfg = load_section(RayConfig, params, "ray")
+    ml_cfg = load_section(MlflowConfig, params, "mlflow")
+    card = verify_card("data/card.json", {t: f"data/{t}.parquet" for t in TABLES})
+    source_path = Path("models") / f"{options['source']}.pt"
+    _, source_extra = load_model(source_path)  # also checks the checkpoint before any work
+    root_source = source_extra.get("source", options["source"])  # rrm's teacher came from a source itself
+    source_spec = load_spec(source_path)
+    features = Path("data/features") / options["source"] / "target_train.parquet"
+    job = {
+        "name": f"transfer-{args.model}", "kind": "transfer", "method": method, "options": options,
+        "train": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),
+        "paths": {"train": str(Path("data/target_train.parquet").resolve()),
+                  "val": str(Path("data/target_val.parquet").resolve()),
+                  "source": str(source_path.resolve()),
+                  "features": str(features.resolve()) if features.is_file() else None},
+        "num_classes": len(data_cfg.target_classes), "source_spec": source_spec, "data_hash": card["data_hash"],
+    }
+    run_params = {"method": method, "train": dataclasses.asdict(cfg), "options": options,
+                  "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
+    tags = {"model": args.model, "method": method, "source": root_source,
+            "source_run_id": source_extra.get("run_id", "")}
+    with tracking.stage_run(ml_cfg, f"transfer-{args.model}", run_params, card["data_hash"], tags) as mlrun:
+        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"])
+        net = from_spec(result.spec)
+        net.load_state_dict(result.state)
+        x, y = read_image_table("data/target_test.parquet").tensors()
+        n = params.get("transfer", {}).get("eval_size", 1000)
+        metrics = {
+            "method": method, "source": root_source, "shots": data_cfg.shots,
+            "clean_acc": evaluation.accuracy(net, x, y),
+            "pgd_acc": evaluation.pgd_accuracy(net, x[:n], y[:n], threat),
+            "pgd_images": min(n, len(y)), "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
+            "train_seconds": result.seconds, "train_passes": result.passes,
+        }
+        print(f"transfer {args.model} ({method} from {options['source']}): clean {metrics['clean_acc']:.3f}, "
+              f"PGD-{threat.eval_steps} {metrics['pgd_acc']:.3f} in {result.seconds:.1f}s, {result.passes:.0f} passes")
+        tracking.log_history(result.history)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        out = Path("models") / f"{args.model}.pt"
+        save_model(net, result.spec, out, extra={
+            "run_id": mlrun.info.run_id, "method": method, "source": root_source,
+            "source_run_id": source_extra.get("run_id"), "data_hash": card["data_hash"],
+            "train_seconds": result.seconds, "train_passes": result.passes})
+        mlflow.log_artifact(str(out), artifact_path="checkpoint")
+        write_json(metrics, Path("metrics") / f"transfer_{args.model}.json")
+        write_history(result.history, Path("plots") / f"transfer_{args.model}.csv")
+
+
+def load_spec(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["spec"]
+
+
+if __name__ == "__main__":
+    run(main, lambda p: p.add_argument("model", help="a key of transfer.models"))
