@@ -94,12 +94,19 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 2
     max_failures: int = 2  # Ray Train restarts a dead worker group this often, from the last checkpoint
+    # Where Ray Train keeps checkpoints: a folder every node mounts or a cloud URI (s3://, gs://), needed
+    # once workers run on other machines; null: .checkpoints/ in the project (one machine).
+    storage_path: Optional[str] = None
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.num_workers", self.num_workers)
         _positive(f"{key}.cpus_per_worker", self.cpus_per_worker)
         if self.max_failures < -1:
             raise ConfigError(f"{key}.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.storage_path is not None and "://" not in self.storage_path \
+                and not Path(self.storage_path).is_absolute():
+            raise ConfigError(f"{key}.storage_path must be an absolute path or a URI (s3://...), "
+                              f"got {self.storage_path!r}")
 
 
 @dataclass

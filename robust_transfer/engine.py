@@ -120,23 +120,8 @@ class TrainResult:
 
 def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
     """Run `job` as a Ray Train TorchTrainer and return the trained weights and metrics."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     connect(ray_cfg)
-    job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker)
-    run_name = f"{name}-{job_hash(job)}"
-    storage.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=str(storage.resolve()),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_trainer(job, ray_cfg, storage, name)
     try:
         result = trainer.fit()
     except Exception as exc:  # a worker's ConfigError (bad checkpoint, bad table) stays one line
@@ -152,6 +137,34 @@ def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     return TrainResult(state["final"] or state["net"], state["spec"], state["history"], state["seconds"],
                        state["passes"], state.get("stopped_early"))
+
+
+def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()):
+    """The TorchTrainer that runs `job` (not started): what `fit` runs, and what every Ray Tune trial
+    of the tune stage runs (with Tune's report callback), so a tuned weight means the same in both."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=f"{name}-{job_hash(job)}", storage_path=storage_path(ray_cfg, storage),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
+    )
+
+
+def storage_path(ray_cfg: RayConfig, default) -> str:
+    """Where Ray Train keeps checkpoints: `ray.storage_path` when set (a folder every node mounts, or a
+    cloud URI: needed once workers run on other machines), else the stage's local `default` folder."""
+    if getattr(ray_cfg, "storage_path", None):
+        return ray_cfg.storage_path
+    path = Path(default).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -360,6 +373,7 @@ def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, fin
 
     metrics = dict(state["history"][-1]) if state["history"] else {}
     metrics["done"] = final
+    metrics.update(_where())
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -380,6 +394,14 @@ def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, fin
             "seconds": state["seconds"], "passes": state["passes"], "stopped_early": state["stopped_early"],
         }, Path(d) / "state.pt")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _where() -> dict:
+    """The node and host this worker runs on, reported with every epoch's metrics (the tune stage
+    records them per trial; on a cluster they show where the work went)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
 def _report_failure(state: dict, plan: Plan) -> None:
