@@ -287,6 +287,8 @@ def job_config(base: dict[str, Any], entry: dict[str, Any], method: str, key: st
         raise ConfigError(f"{key} must be a mapping, got {entry!r}")
     train = {k: v for k, v in entry.items() if k in TRAIN_FIELDS}
     rest = {k: v for k, v in entry.items() if k not in TRAIN_FIELDS}
+    if base:  # a bad shared setting is named where it is written (pretrain.train.arch), not per entry
+        build(TrainConfig, {k: v for k, v in base.items() if k not in train}, f"{key.split('.')[0]}.train")
     cfg = build(TrainConfig, {**(base or {}), **train}, key)
     return cfg, method_options(method, rest, key)
 
