@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+# The in-process tests use tiny models (8x8 digits) where a second thread buys nothing, while on a
+# busy machine an intra-op thread pool that waits for a core costs up to 10x. Stage subprocesses
+# set their own thread count (engine: cpus_per_worker).
+torch.set_num_threads(int(os.environ.get("RT_TEST_TORCH_THREADS", "1")))
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = REPO / "pipelines" / "smoke" / "params.yaml"
 
