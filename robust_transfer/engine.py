@@ -65,23 +65,29 @@ class TrainModule(nn.Module):
 
 # ----------------------------------------------------------------------------- Ray runtime
 def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
-    """Join the cluster at $RAY_ADDRESS, or start a local Ray; check that the job fits."""
+    """Join the cluster at $RAY_ADDRESS, or the shared local runtime (runtime.py); check that the job fits."""
     import ray
 
-    # Ray Train V2 polls its workers every 2 s by default: a short job would spend most of its
-    # start-up and tear-down waiting. These only set defaults; the environment overrides them.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    from . import runtime
+
+    for key, value in runtime.RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address and address != "auto" and not address.startswith("ray://"):
             _check_reachable(address, timeout_s)
+        if not address and os.environ.get("RT_LOCAL_RAY", "shared") != "off":
+            address = runtime.local_address()  # join (or start) the runtime shared by all stages
+        # The workers of a shared or remote cluster do not inherit this process's environment:
+        # hand them what they need (MLflow's store, Ray Train's settings) with the job.
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "RAY_TRAIN_", "RT_"))}
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
-                     logging_config=ray.LoggingConfig(log_level="WARNING"))
+                     logging_config=ray.LoggingConfig(log_level="WARNING"),
+                     runtime_env={"env_vars": env_vars} if env_vars else None)
         except Exception as exc:
-            raise ConfigError(f"RAY_ADDRESS={address}: cannot connect to a Ray cluster "
+            where = f"RAY_ADDRESS={address}" if os.environ.get("RAY_ADDRESS") else f"local Ray at {address}"
+            raise ConfigError(f"{where}: cannot connect to a Ray cluster "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     res = ray.cluster_resources()
     if ray_cfg.use_gpu and res.get("GPU", 0) < ray_cfg.num_workers:
