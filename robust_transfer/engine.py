@@ -80,7 +80,9 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
             address = runtime.local_address()  # join (or start) the runtime shared by all stages
         # The workers of a shared or remote cluster do not inherit this process's environment:
         # hand them what they need (MLflow's store, Ray Train's settings) with the job.
-        env_vars = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "RAY_TRAIN_", "RT_"))}
+        # PYTHONPATH too, so a checkout that is not the installed one trains with its own code.
+        env_vars = {k: v for k, v in os.environ.items()
+                    if k.startswith(("MLFLOW_", "RAY_TRAIN_", "RT_")) or k == "PYTHONPATH"}
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
                      logging_config=ray.LoggingConfig(log_level="WARNING"),
