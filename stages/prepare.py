@@ -4,12 +4,14 @@ outs: data/{source_train,source_test,target_train,target_fit,target_val,target_t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from robust_transfer.config import DataConfig, load_section
+from robust_transfer import tracking
+from robust_transfer.config import DataConfig, MlflowConfig, load_section
 from robust_transfer.data import make_task_split, sha256_file, to_table, write_json, write_table
 from stages._common import run
 
@@ -33,6 +35,12 @@ def main(args, params) -> None:
         print(f"prepare: {name}: {len(labels)} images of shape {tuple(images.shape[1:])}, {len(names)} classes")
     card["data_hash"] = hashlib.sha256("".join(t["sha256"] for t in card["tables"].values()).encode()).hexdigest()
     write_json(card, OUT / "card.json")
+    with tracking.stage_run(load_section(MlflowConfig, params, "mlflow"), "prepare", dataclasses.asdict(cfg),
+                            card["data_hash"]):
+        import mlflow
+
+        mlflow.log_artifact(str(OUT / "card.json"))
+        mlflow.log_metrics({f"rows_{name}": t["rows"] for name, t in card["tables"].items()})
 
 
 if __name__ == "__main__":
