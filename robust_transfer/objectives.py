@@ -172,10 +172,12 @@ def spectral_normalize_(modules, beta: float, state: dict, power_iters: int = 1)
             continue
         w = m.weight.view(m.weight.shape[0], -1)
         u = state.get(id(m))
-        if u is None:
+        iters = power_iters
+        if u is None:  # a weight's first estimate starts cold: iterate to convergence once (power
+            # iteration underestimates sigma, so an unconverged start leaves sigma(W) above beta)
             u = F.normalize(torch.randn(w.shape[0], device=w.device), dim=0)
-            power_iters = max(power_iters, 10)
-        for _ in range(power_iters):
+            iters = 100
+        for _ in range(iters):
             v = F.normalize(w.t() @ u, dim=0)
             u = F.normalize(w @ v, dim=0)
         state[id(m)] = u
