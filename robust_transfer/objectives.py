@@ -107,9 +107,13 @@ def cartl_fdm(net, batch, ctx: Context) -> Step:
 def lwf(net, batch, ctx: Context) -> Step:
     """Shafahi et al.: CE + lam * mean_batch ||z(x) - z0(x)||_1, z0 the frozen robust source's penultimate
     features on clean target images (cached by the extract stage, passed as batch['z0'])."""
-    z = net.features(batch["x"])
+    if ctx.head_only:  # no graph through the backbone: its weights get no gradient, so no decay or momentum either
+        with torch.no_grad():
+            z = net.features(batch["x"])
+    else:
+        z = net.features(batch["x"])
     z0 = batch["z0"] if "z0" in batch else _teacher_features(ctx, batch["x"])
-    logits = net.head(z.detach() if ctx.head_only else z)
+    logits = net.head(z)
     penalty = (z - z0).abs().flatten(1).sum(1).mean()
     return Step(F.cross_entropy(logits, batch["y"]) + ctx.options.get("lam", 0.005) * penalty, logits, 1)
 
