@@ -72,12 +72,16 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
 
     for key, value in runtime.RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        _check_fits_this_machine(ray_cfg)  # before paying for a Ray start that could only end in this error
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address and address != "auto" and not address.startswith("ray://"):
             _check_reachable(address, timeout_s)
-        if not address and os.environ.get("RT_LOCAL_RAY", "shared") != "off":
-            address = runtime.local_address()  # join (or start) the runtime shared by all stages
+        if not address:  # join (or start) the runtime shared by all stages; "local": a private one
+            address = "local" if os.environ.get("RT_LOCAL_RAY", "shared") == "off" else runtime.local_address()
+            # One machine, no spot instances: nothing to watch for (on a cluster the default stays on).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The workers of a shared or remote cluster do not inherit this process's environment:
         # hand them what they need (MLflow's store, Ray Train's settings) with the job.
         # PYTHONPATH too, so a checkout that is not the installed one trains with its own code.
@@ -99,6 +103,18 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
     if res.get("CPU", 0) < need:
         raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs, but the cluster has "
                           f"{int(res.get('CPU', 0))}; lower ray.num_workers or ray.cpus_per_worker")
+
+
+def _check_fits_this_machine(ray_cfg: RayConfig) -> None:
+    """Without RAY_ADDRESS the cluster is this machine: its GPUs and cores bound what a job can ask."""
+    gpus = torch.cuda.device_count()
+    if ray_cfg.use_gpu and gpus < ray_cfg.num_workers:
+        raise ConfigError(f"ray.use_gpu is true but this machine has {gpus} CUDA GPU(s) for ray.num_workers="
+                          f"{ray_cfg.num_workers}; set ray.use_gpu: false, or RAY_ADDRESS to a cluster with GPUs")
+    need, have = ray_cfg.num_workers * ray_cfg.cpus_per_worker, os.cpu_count() or 1
+    if need > have:
+        raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs, but this machine has {have}; "
+                          f"lower ray.num_workers or ray.cpus_per_worker, or set RAY_ADDRESS to a larger cluster")
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -124,6 +140,7 @@ class TrainResult:
     seconds: float  # wall time of the training loop itself (workers)
     passes: float  # forward+backward image passes
     stopped_early: Optional[str] = None
+    resumed_from: list = field(default_factory=list)  # epochs of the checkpoints a (re)started run resumed from
 
 
 def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
@@ -143,26 +160,52 @@ def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    resumed = state.get("resumed_from") or []
+    if resumed:
+        print(f"{name}: resumed from the checkpoint of epoch {resumed[-1]}"
+              + (f" (resumes: {len(resumed)}, from epochs {resumed})" if len(resumed) > 1 else ""))
     return TrainResult(state["final"] or state["net"], state["spec"], state["history"], state["seconds"],
-                       state["passes"], state.get("stopped_early"))
+                       state["passes"], state.get("stopped_early"), resumed)
 
 
 def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()):
     """The TorchTrainer that runs `job` (not started): what `fit` runs, and what every Ray Tune trial
     of the tune stage runs (with Tune's report callback), so a tuned weight means the same in both."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker)
-    return TorchTrainer(
+    job = _with_test_faults(job, name)
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"{name}-{job_hash(job)}", storage_path=storage_path(ray_cfg, storage),
+        run_config=RunConfig(name=f"{name}-{job_hash({k: v for k, v in job.items() if k != 'fault_marker'})}", storage_path=storage_path(ray_cfg, storage),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
     )
+
+
+def _trainer_class():
+    """TorchTrainer, less two helper actors that a job of ours does not use, each a process to start
+    per run: the datasets manager (we pass no Ray Datasets; workers read Parquet themselves), and,
+    where the cluster has no dashboard, the placement-group cleaner (it polls the dashboard's state
+    API every second and, without one, only logs a warning each time; it guards against a controller
+    dying uncleanly, and Ray frees a dead job's placement groups when its driver exits anyway).
+    Our local runtime runs without a dashboard: on 2 cores it costs more than the jobs."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    unused = {"DatasetsCallback"}
+    if not ray._private.worker.get_dashboard_url():
+        unused.add("PlacementGroupCleanerCallback")
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            drop = unused - ({"DatasetsCallback"} if getattr(self, "datasets", None) else set())
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in drop]
+
+    return Trainer
 
 
 def storage_path(ray_cfg: RayConfig, default) -> str:
@@ -207,7 +250,7 @@ def train_loop_per_worker(job: dict) -> None:
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
     sched = _schedule(opt, cfg, steps_per_epoch)
     swa_net = None
-    state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None)
+    state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None, resumed_from=[])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: weights, optimiser, schedule and counters from the latest epoch
@@ -218,6 +261,7 @@ def train_loop_per_worker(job: dict) -> None:
         sched.load_state_dict(saved["sched"])
         for key in ("epoch", "history", "seconds", "passes", "stopped_early"):
             state[key] = saved[key]
+        state["resumed_from"] = saved.get("resumed_from", []) + [saved["epoch"]]
         if saved.get("swa"):
             swa_net = _swa_init(plan.net)
             swa_net.load_state_dict(saved["swa"])
@@ -247,6 +291,8 @@ def train_loop_per_worker(job: dict) -> None:
             if cfg.augment:
                 batch["x"] = _augment(batch["x"])
             loss, logits, step_passes = model(batch)
+            if job.get("test_faults"):
+                loss = _inject_fault(job, epoch * steps_per_epoch + step_i, rank, loss)
             if not torch.isfinite(loss):
                 state["stopped_early"] = (f"loss became {loss.item()} at epoch {epoch} step {step_i}; "
                                           f"kept the last good checkpoint (epoch {state['epoch']})")
@@ -400,6 +446,7 @@ def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, fin
             "net": {k: v.cpu() for k, v in plan.net.state_dict().items()}, "final": final_state,
             "spec": plan.spec, "epoch": state["epoch"], "history": state["history"],
             "seconds": state["seconds"], "passes": state["passes"], "stopped_early": state["stopped_early"],
+            "resumed_from": state["resumed_from"],
         }, Path(d) / "state.pt")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
@@ -410,6 +457,40 @@ def _where() -> dict:
     import ray
 
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+
+
+# ----------------------------------------------------------------------------- test-only fault injection
+# tests/test_reliability.py proves the fault tolerance on real runs with these (see docs/reliability.md):
+#   RT_FAIL_ONCE_AT_STEP=n  rank 0 fails once at global step n (epoch * steps_per_epoch + step), then never
+#                           again in this run: a marker file records it (FailureConfig must restart it)
+#   RT_FAIL_MODE=raise      how it fails: raise an exception (default), or `sigkill` its own process
+#   RT_NAN_AT_STEP=n        the loss at global step n becomes NaN (the NaN guard must stop the run)
+# They are part of the job (and its hash), so a faulty run never shares checkpoints with a clean one.
+def _with_test_faults(job: dict, name: str) -> dict:
+    faults = {}
+    for key, env in (("fail_once_at_step", "RT_FAIL_ONCE_AT_STEP"), ("nan_at_step", "RT_NAN_AT_STEP")):
+        if os.environ.get(env):
+            faults[key] = int(os.environ[env])
+    if not faults:
+        return job
+    faults["fail_mode"] = os.environ.get("RT_FAIL_MODE", "raise")
+    marker = Path(tempfile.gettempdir()) / f"rt-fault-{name}-{os.getpid()}-{time.time_ns()}"
+    return dict(job, test_faults=faults, fault_marker=str(marker))
+
+
+def _inject_fault(job: dict, step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
+    faults = job["test_faults"]
+    if step == faults.get("nan_at_step"):
+        return loss * float("nan")
+    marker = Path(job["fault_marker"])
+    if step == faults.get("fail_once_at_step") and rank == 0 and not marker.exists():
+        marker.write_text(f"failed at step {step}\n")
+        if faults["fail_mode"] == "sigkill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure at step {step} (RT_FAIL_ONCE_AT_STEP)")
+    return loss
 
 
 def _report_failure(state: dict, plan: Plan) -> None:
