@@ -82,6 +82,9 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
             address = "local" if os.environ.get("RT_LOCAL_RAY", "shared") == "off" else runtime.local_address()
             # One machine, no spot instances: nothing to watch for (on a cluster the default stays on).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Stages of concurrent pipelines queue for the shared cores: waiting is not a failure
+            # (connect() has already checked that the job fits the cluster at all).
+            os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "7200")
         # The workers of a shared or remote cluster do not inherit this process's environment:
         # hand them what they need (MLflow's store, Ray Train's settings) with the job.
         # PYTHONPATH too, so a checkout that is not the installed one trains with its own code.
@@ -265,8 +268,11 @@ def train_loop_per_worker(job: dict) -> None:
         if saved.get("swa"):
             swa_net = _swa_init(plan.net)
             swa_net.load_state_dict(saved["swa"])
-        if state["stopped_early"]:
-            _report(module, opt, sched, swa_net, plan, state, rank, final=True)
+        if state["stopped_early"] or state["epoch"] >= cfg.epochs - 1:
+            # Nothing left to train: report the end again, so this run too ends with metrics and a
+            # final checkpoint (a Tune trial restarted after its job finished would see none).
+            data = {k: v.to(device) for k, v in plan.train.items()}  # SWA's BN statistics need it
+            _report(module, opt, sched, swa_net, plan, state, rank, final=True, data=data)
             return
 
     data = {k: v.to(device) for k, v in plan.train.items()}
