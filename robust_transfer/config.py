@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -305,11 +306,43 @@ def pretrain_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig
     out = {}
     for name, entry in sources.items():
         entry = dict(entry or {})
+        if "registry" in entry:  # a registered source model is downloaded, not trained
+            out[name] = (REGISTRY_SOURCE, build(TrainConfig, sec.get("train") or {}, "pretrain.train"),
+                         {"registry": registry_uri(entry, f"pretrain.sources.{name}")})
+            continue
         objective = entry.pop("objective", name)
         _choice(f"pretrain.sources.{name}.objective", objective, SOURCE_OBJECTIVES)
         cfg, opts = job_config(sec.get("train"), entry, objective, f"pretrain.sources.{name}")
         out[name] = (objective, cfg, opts)
     return out
+
+
+# `pretrain.sources.<name>: {registry: "models:/<registered name>@<alias>"}` (or `.../<version>`):
+# the pretrain stage downloads that model version's checkpoint instead of training one.
+REGISTRY_SOURCE = "registry"
+
+
+def registry_uri(entry: dict[str, Any], key: str) -> str:
+    """The `models:/` URI of a registry source entry, checked for shape (its existence is checked on download)."""
+    extra = sorted(set(entry) - {"registry"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}: a registry source takes no other settings (it is downloaded, not trained)")
+    uri = entry["registry"]
+    if not isinstance(uri, str) or parse_model_uri(uri) is None:
+        raise ConfigError(f"{key}.registry must look like models:/<name>@<alias> or models:/<name>/<version>, got {uri!r}")
+    return uri
+
+
+def parse_model_uri(uri: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """models:/name@alias -> (name, alias, None); models:/name/3 -> (name, None, "3"); anything else -> None."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return (name, alias, None) if REGISTERED_NAME.fullmatch(name) and REGISTERED_NAME.fullmatch(alias) else None
+    name, _, version = rest.rpartition("/")
+    return (name, None, version) if REGISTERED_NAME.fullmatch(name) and version.isdigit() else None
 
 
 def transfer_entries(params: dict[str, Any]) -> dict[str, tuple[str, TrainConfig, dict]]:
@@ -354,6 +387,7 @@ def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     load_section(ExtractConfig, params, "extract")
     pretrain_entries(params)
     transfer_entries(params)
+    register_config(params)
     return params
 
 
@@ -366,3 +400,50 @@ class ExtractConfig:
         _positive(f"{key}.batch_size", self.batch_size)
         if any(k < 1 for k in self.ks):
             raise ConfigError(f"{key}.ks must be >= 1, got {self.ks}")
+
+
+# Registered model names and aliases: what is safe inside a `models:/<name>@<alias>` URI on every store.
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+ROBUST_METRICS = ("autoattack_acc", "pgd_acc")
+
+
+@dataclass
+class RegisterConfig:
+    """The register stage: registered names and the robustness gate that the alias `champion` must pass.
+
+    A transferred model passes when its `robust_metric` was measured and is >= `min_robust_acc`, its
+    clean accuracy is >= `min_clean_acc`, and (with `require_checks`) every sanity check passed.
+    A model without AutoAttack (evaluate ran it only on the best few) cannot pass under autoattack_acc.
+    """
+
+    name: Optional[str] = None  # None: "<dataset>-<target classes>-robust", e.g. fashion_mnist-5-9-robust
+    robust_metric: str = "autoattack_acc"  # the number the robust floor applies to
+    min_robust_acc: float = 0.0
+    min_clean_acc: float = 0.0
+    require_checks: bool = True
+    allow_gate_failure: bool = False  # exit 0 even when no model passes (the previous champion stays)
+    sources: bool = True  # also register every trained pretrain source, each under its own name
+    source_names: dict = field(default_factory=dict)  # {source: name}; default "<dataset>-<source classes>-<source>-source"
+    source_min_clean_acc: float = 0.0  # sources have no AutoAttack or sanity checks: PGD accuracy is their gate
+    source_min_pgd_acc: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if self.name is not None and not REGISTERED_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name must be letters, digits, '_', '.' or '-', got {self.name!r}")
+        _choice(f"{key}.robust_metric", self.robust_metric, ROBUST_METRICS)
+        for name in ("min_robust_acc", "min_clean_acc", "source_min_clean_acc", "source_min_pgd_acc"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(self, name)}")
+        for source, name in self.source_names.items():
+            if not isinstance(name, str) or not REGISTERED_NAME.fullmatch(name):
+                raise ConfigError(f"{key}.source_names.{source} must be letters, digits, '_', '.' or '-', got {name!r}")
+
+
+def register_config(params: dict[str, Any]) -> RegisterConfig:
+    """The `register` section, with `source_names` checked against `pretrain.sources`."""
+    cfg = load_section(RegisterConfig, params, "register")
+    sources = (params.get("pretrain") or {}).get("sources") or {}
+    for source in cfg.source_names:
+        if source not in sources:
+            raise ConfigError(f"register.source_names.{source}: not a key of pretrain.sources ({', '.join(sources)})")
+    return cfg
