@@ -387,6 +387,7 @@ def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     load_section(ExtractConfig, params, "extract")
     pretrain_entries(params)
     transfer_entries(params)
+    tune_entries(params)
     register_config(params)
     return params
 
@@ -447,3 +448,73 @@ def register_config(params: dict[str, Any]) -> RegisterConfig:
         if source not in sources:
             raise ConfigError(f"register.source_names.{source}: not a key of pretrain.sources ({', '.join(sources)})")
     return cfg
+
+
+@dataclass
+class TuneConfig:
+    """The tune stage: Ray Tune over the regularisation weights of some transfer models (tuning.py).
+
+    `models` maps a transfer.models entry to the options searched, each a [low, high] range sampled on
+    a log scale (one option: an even log grid; more: seeded log-uniform draws). The entry's own value
+    in params is always the first trial: the reference the choice must beat.
+    """
+
+    models: dict = field(default_factory=dict)  # e.g. {lwf: {lam: [0.0005, 0.5]}, cartl_ft: {beta: [0.2, 2.0]}}
+    num_samples: int = 8  # trials per model, the params' own value included
+    max_concurrent_trials: int = 2  # trials at once (each one Ray Train run of workers_per_trial workers)
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    driver_cpus: float = 0.0  # CPUs held by each trial's driver (it only launches and waits for its workers)
+    clean_floor: float = 0.0  # validation clean accuracy a trial must reach to be scored by its PGD accuracy
+    max_clean_drop: Optional[float] = 0.02  # and at most this below the reference's (null: no such limit)
+    grace_frac: float = 0.5  # ASHA's first rung, as a fraction of the epochs (never inside LwF's head-only phase)
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "cpus_per_worker"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        if self.driver_cpus < 0:
+            raise ConfigError(f"{key}.driver_cpus must be >= 0, got {self.driver_cpus}")
+        if not 0 <= self.clean_floor <= 1:
+            raise ConfigError(f"{key}.clean_floor must be in [0, 1], got {self.clean_floor}")
+        if self.max_clean_drop is not None and not 0 <= self.max_clean_drop <= 1:
+            raise ConfigError(f"{key}.max_clean_drop must be in [0, 1] or null, got {self.max_clean_drop}")
+        if not 0 < self.grace_frac <= 1:
+            raise ConfigError(f"{key}.grace_frac must be in (0, 1], got {self.grace_frac}")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{key}.reduction_factor must be >= 2, got {self.reduction_factor}")
+
+
+def tune_entries(params: dict[str, Any]) -> tuple[TuneConfig, dict[str, dict[str, tuple[float, float]]]]:
+    """The `tune` section and its search space {model: {option: (low, high)}}, each model checked
+    against transfer.models and each option against its method's numeric options."""
+    cfg = load_section(TuneConfig, params, "tune")
+    models = transfer_entries(params)
+    space = {}
+    for name, options in cfg.models.items():
+        key = f"tune.models.{name}"
+        if name not in models:
+            raise ConfigError(f"{key}: '{name}' is not a key of transfer.models ({', '.join(models)})")
+        method, _, opts = models[name]
+        if opts["source"] not in (params.get("pretrain") or {}).get("sources", {}):
+            # its source would be another transfer model, itself downstream of tune: a cycle
+            raise ConfigError(f"{key}: '{name}' starts from '{opts['source']}', not from a pretrain source; "
+                              f"only models transferred from pretrain.sources can be tuned")
+        defaults = OBJECTIVE_OPTIONS["cartl_transfer" if method == "cartl" else method]
+        numeric = [o for o, v in defaults.items() if isinstance(v, float)]
+        if not isinstance(options, dict) or not options:
+            raise ConfigError(f"{key} must map options of {method} to [low, high] ranges "
+                              f"(searchable: {', '.join(numeric) or 'none'})")
+        space[name] = {}
+        for option, bounds in options.items():
+            if option not in numeric:
+                raise ConfigError(_unknown(f"{key}.{option}", option, numeric) if numeric else
+                                  f"{key}: method {method} has no numeric option to tune")
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise ConfigError(f"{key}.{option} must be a [low, high] range, got {bounds!r}")
+            low, high = _coerce(f"{key}.{option}", bounds, list[float])
+            if not 0 < low <= high:
+                raise ConfigError(f"{key}.{option} must be [low, high] with 0 < low <= high, got {bounds!r}")
+            space[name][option] = (low, high)
+    return cfg, space

@@ -31,12 +31,13 @@ EXAMPLE_IMAGES = 2  # > 1: the exported graph keeps a dynamic batch dimension
 
 
 def read_metrics(path: Path, stage: str) -> dict:
+    """A stage's metrics JSON; `stage` names what writes it ("evaluate stage for 'lwf'")."""
     if not path.is_file():
-        raise ConfigError(f"missing {path}; run the {stage} stage first")
+        raise ConfigError(f"missing {path}; run the {stage} first")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON; re-run the {stage} stage") from None
+        raise ConfigError(f"{path} is not valid JSON; re-run the {stage}") from None
 
 
 def main(args, params) -> None:
@@ -54,7 +55,7 @@ def main(args, params) -> None:
     # Every input is read and checked before the registry is touched.
     jobs = []
     for model in models:
-        metrics = read_metrics(Path("metrics") / f"evaluate_{model}.json", f"evaluate stage for '{model}'; the")
+        metrics = read_metrics(Path("metrics") / f"evaluate_{model}.json", f"evaluate stage for '{model}'")
         if metrics.get("model", model) != model:
             raise ConfigError(f"metrics/evaluate_{model}.json is about model '{metrics.get('model')}', not '{model}'")
         if metrics.get("data_hash") not in (None, card["data_hash"]):
@@ -67,7 +68,7 @@ def main(args, params) -> None:
     source_jobs = []
     if cfg.sources:
         for source in sources:
-            metrics = read_metrics(Path("metrics") / f"pretrain_{source}.json", f"pretrain stage for '{source}'; the")
+            metrics = read_metrics(Path("metrics") / f"pretrain_{source}.json", f"pretrain stage for '{source}'")
             path = Path("models") / f"{source}.pt"
             net, extra = load_model(path)
             source_jobs.append((source, net, path, metrics, extra))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from robust_transfer import engine, evaluation, tracking
+from robust_transfer import engine, evaluation, tracking, tuning
 from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayConfig, ThreatConfig, load_section,
                                     transfer_entries)
 from robust_transfer.data import read_image_table, verify_card, write_json
@@ -19,32 +19,17 @@ from robust_transfer.nets import from_spec, load_model, save_model
 from stages._common import run, write_history
 
 TABLES = ("target_train", "target_val", "target_test")
+TUNED = "tuned.yaml"  # the tune stage's chosen options, applied over transfer.models
 
 
 def main(args, params) -> None:
-    models = transfer_entries(params)
-    if args.model not in models:
-        raise ConfigError(f"transfer: no model '{args.model}' in transfer.models ({', '.join(models)})")
-    method, cfg, options = models[args.model]
-    data_cfg = load_section(DataConfig, params, "data")
-    threat = load_section(ThreatConfig, params, "threat")
+    params = tuning.apply_tuned(params, read_tuned(params, args.model))
+    job, info = transfer_job(args.model, params)
+    method, cfg, options = info["method"], info["cfg"], info["options"]
+    data_cfg, threat, card = info["data_cfg"], info["threat"], info["card"]
+    source_extra, root_source = info["source_extra"], info["root_source"]
     ray_cfg = load_section(RayConfig, params, "ray")
     ml_cfg = load_section(MlflowConfig, params, "mlflow")
-    card = verify_card("data/card.json", {t: f"data/{t}.parquet" for t in TABLES})
-    source_path = Path("models") / f"{options['source']}.pt"
-    _, source_extra = load_model(source_path)  # also checks the checkpoint before any work
-    root_source = source_extra.get("source", options["source"])  # rrm's teacher came from a source itself
-    source_spec = load_spec(source_path)
-    features = Path("data/features") / options["source"] / "target_train.parquet"
-    job = {
-        "name": f"transfer-{args.model}", "kind": "transfer", "method": method, "options": options,
-        "train": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),
-        "paths": {"train": str(Path("data/target_train.parquet").resolve()),
-                  "val": str(Path("data/target_val.parquet").resolve()),
-                  "source": str(source_path.resolve()),
-                  "features": str(features.resolve()) if features.is_file() else None},
-        "num_classes": len(data_cfg.target_classes), "source_spec": source_spec, "data_hash": card["data_hash"],
-    }
     run_params = {"method": method, "train": dataclasses.asdict(cfg), "options": options,
                   "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
     tags = {"model": args.model, "method": method, "source": root_source,
@@ -74,6 +59,45 @@ def main(args, params) -> None:
         mlflow.log_artifact(str(out), artifact_path="checkpoint")
         write_json(metrics, Path("metrics") / f"transfer_{args.model}.json")
         write_history(result.history, Path("plots") / f"transfer_{args.model}.csv")
+
+
+def transfer_job(model: str, params: dict, train_table: str = "target_train") -> tuple[dict, dict]:
+    """The Ray Train job of one transfer.models entry, and what the stage records about it. The tune
+    stage runs the same job with train_table="target_fit" (the shots minus the validation split)."""
+    models = transfer_entries(params)
+    if model not in models:
+        raise ConfigError(f"transfer: no model '{model}' in transfer.models ({', '.join(models)})")
+    method, cfg, options = models[model]
+    data_cfg = load_section(DataConfig, params, "data")
+    threat = load_section(ThreatConfig, params, "threat")
+    card = verify_card("data/card.json", {t: f"data/{t}.parquet" for t in TABLES + (train_table,)})
+    source_path = Path("models") / f"{options['source']}.pt"
+    _, source_extra = load_model(source_path)  # also checks the checkpoint before any work
+    root_source = source_extra.get("source", options["source"])  # rrm's teacher came from a source itself
+    features = Path("data/features") / options["source"] / f"{train_table}.parquet"
+    job = {
+        "name": f"transfer-{model}", "kind": "transfer", "method": method, "options": options,
+        "train": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),
+        "paths": {"train": str(Path(f"data/{train_table}.parquet").resolve()),
+                  "val": str(Path("data/target_val.parquet").resolve()),
+                  "source": str(source_path.resolve()),
+                  "features": str(features.resolve()) if features.is_file() else None},
+        "num_classes": len(data_cfg.target_classes), "source_spec": load_spec(source_path),
+        "data_hash": card["data_hash"],
+    }
+    info = {"method": method, "cfg": cfg, "options": options, "data_cfg": data_cfg, "threat": threat,
+            "card": card, "source_extra": source_extra, "root_source": root_source}
+    return job, info
+
+
+def read_tuned(params: dict, model: str, path: Path = Path(TUNED)) -> dict:
+    """The tune stage's choices (tuned.yaml); none when the file is absent (a stage run by hand)."""
+    if not path.is_file():
+        tuned_models = (params.get("tune") or {}).get("models") or {}
+        if model in tuned_models:
+            print(f"transfer: no {path} (the tune stage's output); {model} keeps its options from params")
+        return {}
+    return tuning.read_tuned(path)
 
 
 def load_spec(path: Path) -> dict:

@@ -1,0 +1,361 @@
+"""Ray Tune over the regularisation weights of transfer methods; Pareto front of clean vs robust.
+
+The weight of a method's regulariser (LwF's `lam`, CARTL's spectral-norm bound `beta`) sets the
+accuracy-robustness trade-off, and a bad one wrecks the model, so the tune stage searches it.
+
+Each trial runs the transfer stage's own trainer (`engine.make_trainer`: the same job, objective and
+Ray Train loop) with the trial's options, trained on `target_fit` (the target shots minus the
+validation split) and scored every epoch on `target_val` (never the test set). In Ray Train V2 a
+Tune trial is a driver function that builds the TorchTrainer and calls `fit()` (`Tuner(trainer)` is
+deprecated); a Train callback relays each epoch's metrics to the driver, which reports them to Tune
+(`run_trial`). The trainer's workers run wherever the cluster has room.
+
+Score (what ASHA compares at its rungs): PGD accuracy on the validation split when the clean accuracy
+reaches `clean_floor`, else clean - 1. Every trial under the floor thus ranks below every trial over
+it, and among those under it the more accurate one ranks higher (it is nearer to being usable).
+
+Choice (`choose`): among trials that ran every epoch, the highest validation PGD accuracy whose clean
+accuracy is at least `clean_floor` and at most `max_clean_drop` below the reference: the trial of the
+params' own value (always the first trial), or, when ASHA stopped that one, the most accurate trial.
+Ties go to the higher clean accuracy, then to the value nearest the params' own. When no trial
+qualifies, the params' own value stays.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from .config import ConfigError, RayConfig, TuneConfig
+
+SCORE_FAILED = -2.0  # a trial whose loss went non-finite ranks below every other
+METRIC_COLUMNS = ("val_clean_acc", "val_pgd_acc", "score", "epochs_done", "train_loss", "train_acc")
+
+
+# ----------------------------------------------------------------------------- search space
+def score(clean: float, pgd: float, clean_floor: float) -> float:
+    """What ASHA maximises: PGD accuracy above the clean-accuracy floor, clean - 1 below it."""
+    return float(pgd) if clean >= clean_floor else float(clean) - 1.0
+
+
+def search_points(space: dict[str, tuple[float, float]], baseline: dict[str, float], n: int,
+                  seed: int) -> list[dict[str, float]]:
+    """`n` option settings: the params' own values first, then an even log grid over [low, high] for one
+    option, or seeded log-uniform draws for several; values rounded to 3 significant digits."""
+    names = sorted(space)
+    points = [{k: float(baseline[k]) for k in names}]
+    rest = max(n - 1, 0)
+    if len(names) == 1:
+        (name,) = names
+        low, high = space[name]
+        grid = np.geomspace(low, high, rest) if rest > 1 else np.array([math.sqrt(low * high)] * rest)
+        draws = [{name: v} for v in grid]
+    else:
+        rng = np.random.default_rng(seed)
+        draws = [{k: math.exp(rng.uniform(math.log(space[k][0]), math.log(space[k][1]))) for k in names}
+                 for _ in range(rest)]
+    for d in draws:
+        p = {k: _round(v) for k, v in d.items()}
+        if p not in points:
+            points.append(p)
+    return points
+
+
+def _round(v: float, digits: int = 3) -> float:
+    return float(f"{v:.{digits}g}")
+
+
+def grace_epochs(method: str, options: dict, epochs: int, frac: float) -> int:
+    """ASHA's first rung. LwF trains the head alone for its first `head_only_frac` of the epochs, where
+    every weight gives the same model: comparing trials there would stop them at random."""
+    grace = math.ceil(frac * epochs)
+    if method == "lwf":
+        grace = max(grace, int(round(options.get("head_only_frac", 0.5) * epochs)) + 1)
+    return max(1, min(grace, epochs))
+
+
+# ----------------------------------------------------------------------------- one trial
+def scored(metrics: dict, clean_floor: float) -> dict:
+    """One epoch's worker metrics as Tune sees them: with the score and an epoch count ASHA can use
+    (Tune's own iteration count restarts when a trial's Train run resumes from a checkpoint)."""
+    m = {k: v for k, v in metrics.items() if k != "done"}  # the trial ends when its Train run does
+    if "failed" in m:  # non-finite loss: no metrics this epoch
+        m.update(val_clean_acc=0.0, val_pgd_acc=0.0, score=SCORE_FAILED, epochs_done=0)
+    else:
+        m["score"] = score(m["val_clean_acc"], m["val_pgd_acc"], clean_floor)
+        m["epochs_done"] = int(m["epoch"]) + 1
+    return m
+
+
+def _relay_callback(queue, clean_floor: float):
+    """A Ray Train callback (it runs in the Train controller) that forwards rank 0's metrics of every
+    epoch to the trial's driver through `queue`.
+
+    Why not Ray's TuneReportCallback: it hands results to Tune from the trial actor's main thread
+    through one-slot queues, and when the Train run ends before Tune has fetched the last epoch (a
+    busy machine, a slow result callback) the driver's own end-of-function report takes the slot and
+    the trial hangs. Here the driver reports every epoch itself, in order, from its own thread."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class Relay(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put(scored(metrics[0], clean_floor))
+
+    return Relay()
+
+
+def run_trial(config: dict, job: dict, ray_cfg: RayConfig, storage: str, clean_floor: float) -> None:
+    """One Tune trial (the Train driver): the transfer job with this trial's options, fitted by Ray
+    Train in a thread while this function reports each epoch's metrics to Tune."""
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from . import engine
+
+    job = copy.deepcopy(job)
+    job["options"].update(config["options"])
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = engine.make_trainer(job, ray_cfg, storage, job["name"], callbacks=[_relay_callback(queue, clean_floor)])
+    outcome: dict = {}
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the trial, so Tune records the error
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    while True:
+        try:
+            tune.report(queue.get(timeout=0.5))
+        except Empty:
+            if not runner.is_alive() and queue.empty():  # every put happened before fit() returned
+                break
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+# ----------------------------------------------------------------------------- the search
+def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: TuneConfig, ray_cfg: RayConfig,
+           storage: str, callbacks: list = (), progress: bool = True) -> list[dict]:
+    """Run every trial of one model; return one row per trial (options, last metrics, status, node)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from . import engine
+
+    method, options, epochs = job["method"], job["options"], job["train"]["epochs"]
+    baseline = {k: options[k] for k in space}
+    points = search_points(space, baseline, cfg.num_samples, cfg.seed)
+    trial_ray = dataclasses.replace(ray_cfg, num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker)
+    job = dict(job, name=f"tune-{model}")
+    trainable = tune.with_parameters(run_trial, job=job, ray_cfg=trial_ray, storage=storage,
+                                     clean_floor=cfg.clean_floor)
+    # The driver only launches its workers and waits: it holds `driver_cpus` (0 by default) and a
+    # little logical memory, so that `max_concurrent_trials` alone decides how many run at once.
+    trainable = tune.with_resources(trainable, {"cpu": cfg.driver_cpus, "memory": 256 * 2**20})
+    grace = grace_epochs(method, options, epochs, cfg.grace_frac)
+    scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=grace,
+                              reduction_factor=cfg.reduction_factor)
+    name = f"tune-{model}-{engine.job_hash({'job': job, 'points': points, 'cfg': dataclasses.asdict(cfg)})}"
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"options": tune.grid_search(points)},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=1,
+                                    max_concurrent_trials=cfg.max_concurrent_trials,
+                                    trial_name_creator=lambda t: f"{model}_{t.trial_id}",
+                                    trial_dirname_creator=lambda t: f"{model}_{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                                  verbose=1 if progress else 0),
+    )
+    print(f"tune {model}: {len(points)} trials of {method} over {', '.join(space)} "
+          f"({', '.join(f'{k} in [{lo:g}, {hi:g}]' for k, (lo, hi) in space.items())}), "
+          f"ASHA from epoch {grace} of {epochs}, {cfg.max_concurrent_trials} at once")
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        row: dict[str, Any] = {"model": model, "method": method, "trial_id": m.get("trial_id") or "",
+                               "options": dict(result.config["options"])}
+        for k, v in result.config["options"].items():
+            row[k] = v
+        for k in METRIC_COLUMNS:
+            row[k] = m.get(k)
+        row.update(epochs=epochs, node_id=m.get("node_id"), hostname=m.get("hostname"),
+                   seconds=m.get("time_total_s"), baseline=row["options"] == points[0],
+                   error=str(result.error).splitlines()[0][:300] if result.error else None)
+        row["status"] = ("error" if result.error or row["score"] == SCORE_FAILED or row["epochs_done"] is None
+                         else "completed" if row["epochs_done"] >= epochs else "stopped")
+        rows.append(row)
+    rows.sort(key=lambda r: points.index(r["options"]) if r["options"] in points else len(points))
+    if rows and all(r["status"] == "error" for r in rows):
+        first = next((r["error"] for r in rows if r["error"]), "no metrics reported")
+        lines = [ln for ln in first.split("ConfigError: ")[1:]] if "ConfigError: " in first else []
+        raise ConfigError(f"tune {model}: every trial failed: {lines[-1] if lines else first}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- the choice
+def choose(rows: list[dict], cfg: TuneConfig) -> tuple[Optional[dict], str]:
+    """The chosen trial among one model's rows, and why (see the module docstring)."""
+    done = [r for r in rows if r["status"] == "completed"]
+    base = next((r for r in rows if r["baseline"]), None)
+    if not done:
+        return base, "no trial ran every epoch: kept the params' value"
+    ref_row = base if base is not None and base["status"] == "completed" else max(done, key=lambda r: r["val_clean_acc"])
+    floor = cfg.clean_floor
+    if cfg.max_clean_drop is not None:
+        floor = max(floor, ref_row["val_clean_acc"] - cfg.max_clean_drop - 1e-9)
+    ok = [r for r in done if r["val_clean_acc"] >= floor]
+    if not ok:
+        return base, f"no completed trial reached clean accuracy {floor:.3f}: kept the params' value"
+
+    def distance(r):  # log distance to the params' value: ties keep what the user wrote
+        b = base["options"] if base else r["options"]
+        return sum(abs(math.log(r["options"][k] / b[k])) if b[k] > 0 else 0.0 for k in r["options"])
+
+    best = max(ok, key=lambda r: (r["val_pgd_acc"], r["val_clean_acc"], -distance(r)))
+    ref = "the params' value" if ref_row is base else "the most accurate trial"
+    return best, (f"highest validation PGD accuracy among {len(ok)} of {len(done)} completed trials with clean "
+                  f"accuracy >= {floor:.3f} (floor {cfg.clean_floor:g}, at most {cfg.max_clean_drop} below {ref})"
+                  if cfg.max_clean_drop is not None else
+                  f"highest validation PGD accuracy among {len(ok)} of {len(done)} completed trials with clean "
+                  f"accuracy >= {floor:.3f}")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For each (clean, robust) point: is it on the Pareto front (no other point at least as good in
+    both and better in one)?"""
+    out = []
+    for i, (c, r) in enumerate(points):
+        dominated = any((c2 >= c and r2 >= r) and (c2 > c or r2 > r) for j, (c2, r2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+# ----------------------------------------------------------------------------- tuned.yaml
+def read_tuned(path: str | Path) -> dict[str, dict]:
+    """tuned.yaml: {model: {option: value}}, one entry per transfer model (empty when not tuned)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
+        raise ConfigError(f"{path} must map transfer model names to option mappings; re-run the tune stage")
+    return {k: dict(v or {}) for k, v in data.items()}
+
+
+def apply_tuned(params: dict, tuned: dict[str, dict]) -> dict:
+    """A copy of params with tuned options over the transfer.models entries (checked like params)."""
+    if not any(tuned.values()):
+        return params
+    params = copy.deepcopy(params)
+    models = (params.get("transfer") or {}).get("models") or {}
+    for name, options in tuned.items():
+        if options and name not in models:
+            raise ConfigError(f"tuned.yaml names '{name}', which is not in transfer.models; re-run the tune stage")
+        if options:
+            models[name] = {**(models[name] or {}), **options}
+    return params
+
+
+def write_tuned(choices: dict[str, dict], models: list[str], path: str | Path) -> None:
+    """Write tuned.yaml atomically: every transfer model as a key (DVC tracks each entry as a param of
+    its own transfer stage), the chosen options for the tuned ones."""
+    from .data import atomic_path
+
+    path = Path(path)
+    body = {m: dict(choices.get(m) or {}) for m in models}
+    tmp = atomic_path(path)
+    tmp.write_text("# Written by the tune stage (stages/tune.py): options chosen on the validation split,\n"
+                   "# applied by the transfer stage over transfer.models in params.yaml. Do not edit.\n"
+                   + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the plot
+def plot_trials(rows: list[dict], chosen: dict[str, Optional[dict]], clean_floor: float, path: str | Path) -> None:
+    """Clean vs PGD accuracy on the validation split, one panel per model: every trial (hollow when ASHA
+    stopped it early, at its last epoch), the Pareto front of the completed ones, the params' value and
+    the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import atomic_path
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.2 * max(len(models), 1), 4.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["val_clean_acc"] is not None]
+        done = [r for r in mine if r["status"] == "completed"]
+        stopped = [r for r in mine if r["status"] != "completed"]
+        option = next(iter(mine[0]["options"])) if mine else ""
+        values = [math.log10(r["options"][option]) for r in mine] or [0.0]
+        norm = matplotlib.colors.Normalize(min(values), max(values) if max(values) > min(values) else min(values) + 1)
+        color = lambda r: plt.cm.viridis(norm(math.log10(r["options"][option])))  # noqa: E731
+        for r in done:
+            ax.scatter(r["val_clean_acc"], r["val_pgd_acc"], s=46, color=color(r), zorder=3)
+        for r in stopped:
+            ax.scatter(r["val_clean_acc"], r["val_pgd_acc"], s=46, facecolors="none", edgecolors=color(r), zorder=3)
+        front = [r for r, on in zip(done, pareto_front([(r["val_clean_acc"], r["val_pgd_acc"]) for r in done])) if on]
+        front.sort(key=lambda r: r["val_clean_acc"])
+        if front:
+            ax.plot([r["val_clean_acc"] for r in front], [r["val_pgd_acc"] for r in front], "-", color="tab:red",
+                    lw=1.2, zorder=2, label="Pareto front")
+            ax.scatter([r["val_clean_acc"] for r in front], [r["val_pgd_acc"] for r in front], s=110,
+                       facecolors="none", edgecolors="tab:red", zorder=4)
+        base = next((r for r in mine if r["baseline"]), None)
+        if base:
+            ax.scatter(base["val_clean_acc"], base["val_pgd_acc"], marker="s", s=120, facecolors="none",
+                       edgecolors="black", zorder=5, label=f"params: {option}={base['options'][option]:g}")
+        pick = chosen.get(model)
+        if pick:
+            ax.scatter(pick["val_clean_acc"], pick["val_pgd_acc"], marker="*", s=260, color="gold",
+                       edgecolors="black", zorder=6, label=f"chosen: {option}={pick['options'][option]:g}")
+        for r in mine:
+            ax.annotate(f"{r['options'][option]:.3g}", (r["val_clean_acc"], r["val_pgd_acc"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        if clean_floor > 0:
+            ax.axvline(clean_floor, color="gray", ls="--", lw=1, label=f"clean floor {clean_floor:g}")
+        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        fig.colorbar(sm, ax=ax, label=f"log10 {option}")
+        ax.set_xlabel("clean accuracy (validation split)")
+        ax.set_ylabel("PGD accuracy (validation split)")
+        ax.set_title(f"{model}: {len(done)} completed, {len(stopped)} stopped by ASHA or failed", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = atomic_path(path)
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def trial_table(rows: list[dict]):
+    """The trial table as an Arrow table (options as one column per option name, nulls elsewhere)."""
+    import pyarrow as pa
+
+    flat = [{k: v for k, v in r.items() if k != "options"} for r in rows]
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in flat])
+
+
+def mlflow_callback(tracking_uri: str, experiment: str, parent_run_id: str, tags: dict):
+    """Ray's MLflow logger on the Tune driver: every trial its own run, nested under the stage's run."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
+                                tags={**tags, "mlflow.parentRunId": parent_run_id}, save_artifact=False)

@@ -1,0 +1,223 @@
+"""The tune stage: search space, score, choice, Pareto front, tuned.yaml (fast, no Ray), and on the
+smoke pipeline's real run (slow): trials as nested MLflow runs, outputs, and transfer using the choice."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import yaml
+
+from robust_transfer import tuning
+from robust_transfer.config import ConfigError, TuneConfig, load_params, tune_entries
+from rt_testlib import SMOKE_PARAMS
+
+
+def _row(value, clean, pgd, status="completed", baseline=False, model="lwf", option="lam"):
+    return {"model": model, "options": {option: value}, option: value, "val_clean_acc": clean,
+            "val_pgd_acc": pgd, "status": status, "baseline": baseline, "node_id": "n", "trial_id": str(value)}
+
+
+# ----------------------------------------------------------------------------- score and space
+def test_score_ranks_every_trial_over_the_floor_above_every_trial_under_it():
+    assert tuning.score(0.8, 0.3, clean_floor=0.5) == 0.3
+    assert tuning.score(0.49, 0.9, clean_floor=0.5) == pytest.approx(-0.51)
+    under = [tuning.score(c, 0.9, 0.5) for c in (0.0, 0.2, 0.49)]
+    assert max(under) < tuning.score(0.5, 0.0, 0.5) and under == sorted(under)  # nearer the floor ranks higher
+
+
+def test_scored_metrics_add_score_and_epochs_and_drop_done_and_mark_failures():
+    m = tuning.scored({"epoch": 3, "val_clean_acc": 0.7, "val_pgd_acc": 0.2, "done": True}, clean_floor=0.5)
+    assert m["score"] == 0.2 and m["epochs_done"] == 4 and "done" not in m
+    failed = tuning.scored({"failed": "loss became nan"}, clean_floor=0.5)
+    assert failed["score"] == tuning.SCORE_FAILED and failed["epochs_done"] == 0
+
+
+def test_search_points_start_with_the_params_value_and_cover_the_range_on_a_log_grid():
+    pts = tuning.search_points({"lam": (0.001, 1.0)}, {"lam": 0.005}, n=5, seed=0)
+    assert pts[0] == {"lam": 0.005} and len(pts) == 5
+    values = [p["lam"] for p in pts[1:]]
+    assert values[0] == 0.001 and values[-1] == 1.0
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    assert max(ratios) / min(ratios) < 1.01  # evenly spaced in log
+    # the params' value inside the grid is not run twice
+    assert len(tuning.search_points({"lam": (0.001, 1.0)}, {"lam": 0.001}, n=5, seed=0)) == 4
+
+
+def test_search_points_for_several_options_are_seeded_draws_inside_the_box():
+    space = {"lam": (0.001, 0.1), "w": (1.0, 10.0)}
+    a = tuning.search_points(space, {"lam": 0.005, "w": 2.0}, n=6, seed=3)
+    assert a == tuning.search_points(space, {"lam": 0.005, "w": 2.0}, n=6, seed=3)
+    assert a != tuning.search_points(space, {"lam": 0.005, "w": 2.0}, n=6, seed=4)
+    assert all(0.001 <= p["lam"] <= 0.1 and 1.0 <= p["w"] <= 10.0 for p in a[1:])
+
+
+def test_asha_never_compares_lwf_trials_inside_its_head_only_phase():
+    # the first half of LwF trains the head alone: every weight gives the same model there
+    assert tuning.grace_epochs("lwf", {"head_only_frac": 0.5}, epochs=30, frac=0.2) == 16
+    assert tuning.grace_epochs("cartl", {}, epochs=30, frac=0.2) == 6
+    assert tuning.grace_epochs("lwf", {"head_only_frac": 0.5}, epochs=2, frac=0.5) == 2  # capped at max_t
+
+
+# ----------------------------------------------------------------------------- the choice
+def test_choice_is_the_most_robust_completed_trial_within_the_clean_drop():
+    cfg = TuneConfig(clean_floor=0.5, max_clean_drop=0.05)
+    rows = [_row(0.005, 0.80, 0.30, baseline=True), _row(0.05, 0.78, 0.40), _row(0.5, 0.70, 0.55),
+            _row(1.0, 0.40, 0.60), _row(0.01, 0.80, 0.90, status="stopped")]
+    pick, why = tuning.choose(rows, cfg)
+    assert pick["options"] == {"lam": 0.05}, why  # 0.5 loses 10 points of clean, 1.0 is under the floor
+    pick, _ = tuning.choose(rows, TuneConfig(clean_floor=0.5, max_clean_drop=None))
+    assert pick["options"] == {"lam": 0.5}
+    pick, _ = tuning.choose(rows, TuneConfig(clean_floor=0.0, max_clean_drop=None))
+    assert pick["options"] == {"lam": 1.0}
+
+
+def test_choice_ties_keep_the_higher_clean_accuracy_then_the_params_value():
+    cfg = TuneConfig(clean_floor=0.0, max_clean_drop=None)
+    rows = [_row(0.1, 0.6, 0.4), _row(0.005, 0.6, 0.4, baseline=True), _row(0.01, 0.6, 0.4), _row(1.0, 0.5, 0.4)]
+    assert tuning.choose(rows, cfg)[0]["options"] == {"lam": 0.005}
+    rows.append(_row(0.2, 0.65, 0.4))
+    assert tuning.choose(rows, cfg)[0]["options"] == {"lam": 0.2}
+
+
+def test_choice_keeps_the_params_value_when_nothing_qualifies():
+    cfg = TuneConfig(clean_floor=0.9, max_clean_drop=0.02)
+    rows = [_row(0.005, 0.8, 0.3, baseline=True), _row(0.05, 0.7, 0.5)]
+    pick, why = tuning.choose(rows, cfg)
+    assert pick["options"] == {"lam": 0.005} and "kept the params' value" in why
+    pick, why = tuning.choose([_row(0.005, 0.8, 0.3, baseline=True, status="stopped")], cfg)
+    assert pick["options"] == {"lam": 0.005} and "no trial ran every epoch" in why
+
+
+def test_the_clean_drop_is_measured_from_the_most_accurate_trial_when_asha_stopped_the_params_value():
+    cfg = TuneConfig(clean_floor=0.0, max_clean_drop=0.05)
+    rows = [_row(0.005, 0.5, 0.3, baseline=True, status="stopped"), _row(0.05, 0.9, 0.2), _row(0.5, 0.8, 0.6)]
+    assert tuning.choose(rows, cfg)[0]["options"] == {"lam": 0.05}
+
+
+def test_pareto_front():
+    pts = [(0.9, 0.1), (0.8, 0.5), (0.7, 0.4), (0.5, 0.6), (0.5, 0.5), (0.9, 0.1)]
+    assert tuning.pareto_front(pts) == [True, True, False, True, False, True]
+
+
+def test_plot_marks_front_choice_and_params_value(tmp_path):
+    rows = [_row(0.005, 0.8, 0.3, baseline=True), _row(0.05, 0.78, 0.4), _row(0.5, 0.6, 0.5, status="stopped"),
+            _row(0.4, 0.7, 0.2, model="cartl_ft", option="beta", baseline=True), _row(1.0, 0.6, 0.4, model="cartl_ft",
+                                                                                    option="beta")]
+    out = tmp_path / "tune.png"
+    tuning.plot_trials(rows, {"lwf": rows[1], "cartl_ft": rows[4]}, 0.5, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- tuned.yaml
+def test_tuned_yaml_round_trip_applies_over_params_and_names_every_transfer_model(tmp_path):
+    params = load_params(SMOKE_PARAMS)
+    models = list(params["transfer"]["models"])
+    path = tmp_path / "tuned.yaml"
+    tuning.write_tuned({"lwf": {"lam": 0.0316}}, models, path)
+    tuned = tuning.read_tuned(path)
+    assert list(tuned) == models and tuned["lwf"] == {"lam": 0.0316} and tuned["linear_robust"] == {}
+    applied = tuning.apply_tuned(params, tuned)
+    assert applied["transfer"]["models"]["lwf"]["lam"] == 0.0316
+    assert applied["transfer"]["models"]["lwf"]["source"] == params["transfer"]["models"]["lwf"]["source"]
+    assert "lam" not in params["transfer"]["models"]["lwf"]  # the caller's params are not changed
+    with pytest.raises(ConfigError, match="'gone'.*not in transfer.models"):
+        tuning.apply_tuned(params, {"gone": {"lam": 0.1}})
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="re-run the tune stage"):
+        tuning.read_tuned(path)
+
+
+def test_a_tuned_value_is_checked_like_a_param(tmp_path):
+    from robust_transfer.config import transfer_entries
+
+    params = tuning.apply_tuned(load_params(SMOKE_PARAMS), {"lwf": {"lam": "big"}})
+    with pytest.raises(ConfigError, match=r"transfer.models.lwf.lam must be a number"):
+        transfer_entries(params)
+
+
+# ----------------------------------------------------------------------------- params
+@pytest.mark.parametrize("tune, message", [
+    ({"models": {"nope": {"lam": [0.1, 1.0]}}}, r"tune.models.nope: 'nope' is not a key of transfer.models"),
+    ({"models": {"lwf": {"lr": [0.1, 1.0]}}}, r"unknown parameter tune.models.lwf.lr"),
+    ({"models": {"lwf": {"source": [0.1, 1.0]}}}, r"unknown parameter tune.models.lwf.source"),
+    ({"models": {"lwf": {"lam": [1.0, 0.1]}}}, r"tune.models.lwf.lam must be \[low, high\] with 0 < low <= high"),
+    ({"models": {"lwf": {"lam": 0.1}}}, r"tune.models.lwf.lam must be a \[low, high\] range"),
+    ({"models": {"linear_robust": {"x": [0.1, 1.0]}}}, r"method linear has no numeric option to tune"),
+    ({"models": {"rrm": {"w_ce": [0.001, 0.1]}}}, r"not from a pretrain source"),
+    ({"max_concurent_trials": 2}, r"unknown parameter tune.max_concurent_trials \(did you mean 'max_concurrent_trials'\?\)"),
+    ({"clean_floor": 1.5}, r"tune.clean_floor must be in \[0, 1\]"),
+    ({"reduction_factor": 1}, r"tune.reduction_factor must be >= 2"),
+])
+def test_bad_tune_params_fail_with_one_line_naming_the_key(tune, message):
+    params = load_params(SMOKE_PARAMS)
+    params["tune"] = {**params["tune"], **tune}
+    with pytest.raises(ConfigError, match=message) as err:
+        tune_entries(params)
+    assert "\n" not in str(err.value)
+
+
+def test_the_pipelines_tune_sections_are_valid():
+    from robust_transfer.config import load_all
+    from rt_testlib import REPO
+
+    for path in (REPO / "params.yaml", SMOKE_PARAMS):
+        cfg, space = tune_entries(load_all(path))
+        assert space and cfg.num_samples >= 2
+
+
+def test_transfer_depends_on_its_own_entry_of_tuned_yaml():
+    from rt_testlib import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "tuned.yaml" in stages["tune"]["outs"][1]
+    assert {"tuned.yaml": ["${key}"]} in stages["transfer"]["do"]["params"]
+
+
+# ----------------------------------------------------------------------------- the smoke pipeline's run
+@pytest.mark.slow
+def test_smoke_tune_stage_outputs_and_nested_mlflow_runs(smoke_project):
+    import mlflow
+    import pyarrow.parquet as pq
+
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())
+    tune = params["tune"]
+    tuned = tuning.read_tuned(smoke_project / "tuned.yaml")
+    assert list(tuned) == list(params["transfer"]["models"])
+    trials = pq.read_table(smoke_project / "tune/trials.parquet").to_pylist()
+    assert len(trials) == len(tune["models"]) * tune["num_samples"]
+    for model, space in tune["models"].items():
+        mine = [t for t in trials if t["model"] == model]
+        ((option, (low, high)),) = space.items()
+        base = [t for t in mine if t["baseline"]]
+        assert len(base) == 1 and base[0][option] == params["transfer"]["models"][model].get(
+            option, {"lwf": 0.005, "cartl_ft": 0.4}[model])
+        assert all(low <= t[option] <= high for t in mine if not t["baseline"])
+        assert any(t["status"] == "completed" for t in mine)
+        for t in mine:
+            assert t["status"] in ("completed", "stopped", "error")
+            if t["status"] != "error":
+                assert 0 <= t["val_pgd_acc"] <= t["val_clean_acc"] + 1e-9 <= 1 + 1e-9 and t["node_id"]
+        chosen = tuned[model]
+        assert set(chosen) == {option} and any(t[option] == chosen[option] for t in mine)
+    metrics = json.loads((smoke_project / "metrics/tune.json").read_text())
+    assert set(metrics["models"]) == set(tune["models"]) and metrics["trials"] == len(trials)
+    assert metrics["models"]["lwf"]["chosen"] == tuned["lwf"]
+    assert (smoke_project / "plots/tune.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = mlflow.MlflowClient(f"sqlite:///{smoke_project.parents[1] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    assert len(parent) >= 1
+    parent = max(parent, key=lambda r: r.info.start_time)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(trials)
+    assert {t["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert all("val_pgd_acc" in r.data.metrics and "score" in r.data.metrics for r in children)
+    assert all(any(k.startswith("options") for k in r.data.params) for r in children)
+
+    # the transfer stage trained lwf with the chosen weight
+    transfer = max((r for r in runs if r.data.tags.get("stage") == "transfer-lwf"), key=lambda r: r.info.start_time)
+    assert math.isclose(float(transfer.data.params["options.lam"]), tuned["lwf"]["lam"])
