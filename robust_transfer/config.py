@@ -388,6 +388,8 @@ def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     pretrain_entries(params)
     transfer_entries(params)
     tune_entries(params)
+    evaluate_config(params)
+    load_section(ReportConfig, params, "report")
     register_config(params)
     return params
 
@@ -518,3 +520,70 @@ def tune_entries(params: dict[str, Any]) -> tuple[TuneConfig, dict[str, dict[str
                 raise ConfigError(f"{key}.{option} must be [low, high] with 0 < low <= high, got {bounds!r}")
             space[name][option] = (low, high)
     return cfg, space
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluate stage: how hard and on how many target test images each model is attacked.
+
+    `images` test images (a seeded, class-stratified subset; null: the whole test set) carry the PGD
+    curve, the nominal-eps PGD accuracy and the transfer attack; the PGD-100 check and AutoAttack run
+    on the first `check_images` / `autoattack_images` of them.
+    """
+
+    images: Optional[int] = 1000
+    eps_grid: Optional[list[float]] = None  # null: Linf [0, .025, .05, .1, .15, .2, .3]; L2: eps * [0, .25, .5, 1, 1.5, 2, 3]
+    steps: int = 20  # PGD steps of the curve and of pgd_acc (random start)
+    restarts: int = 1
+    check_images: int = 200  # PGD-100 with restarts, compared with PGD-20 on the same images
+    check_steps: int = 100
+    check_restarts: int = 2
+    transfer_steps: int = 20  # PGD on the public source model's features (and logits when labels match)
+    autoattack_images: int = 100
+    autoattack_top: int = 2  # AutoAttack runs on the best `top` transferred models by PGD accuracy ...
+    autoattack_models: list[str] = field(default_factory=list)  # ... and on every model named here
+    autoattack_steps: int = 100  # AutoAttack's standard version: 100 iterations of APGD-CE, APGD-T and FAB-T
+    autoattack_queries: int = 5000  # and 5000 queries of Square
+    monotone_tolerance: float = 0.02  # accuracy may rise this much from one eps to the next (attack noise)
+    large_eps_max_acc: float = 0.05  # accuracy at the grid's largest eps must be at most this
+    steps_tolerance: float = 0.02  # PGD-100 with restarts may exceed PGD-20 by at most this
+    blackbox_tolerance: float = 0.02  # black-box success may exceed white-box success by at most this
+    batch_size: int = 500
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        if self.images is not None:
+            _positive(f"{key}.images", self.images)
+        if self.eps_grid is not None:
+            if not self.eps_grid or any(e < 0 or not math.isfinite(e) for e in self.eps_grid):
+                raise ConfigError(f"{key}.eps_grid must be a non-empty list of eps >= 0, got {self.eps_grid}")
+            if sorted(set(self.eps_grid)) != self.eps_grid:
+                raise ConfigError(f"{key}.eps_grid must be strictly increasing, got {self.eps_grid}")
+        for name in ("steps", "restarts", "check_images", "check_steps", "check_restarts", "transfer_steps",
+                     "autoattack_images", "autoattack_steps", "autoattack_queries", "batch_size"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        if self.autoattack_top < 0:
+            raise ConfigError(f"{key}.autoattack_top must be >= 0, got {self.autoattack_top}")
+        for name in ("monotone_tolerance", "large_eps_max_acc", "steps_tolerance", "blackbox_tolerance"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class ReportConfig:
+    title: str = "Robustness transfer report"
+
+    def validate(self, key: str) -> None:
+        if not self.title:
+            raise ConfigError(f"{key}.title must not be empty")
+
+
+def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
+    """The `evaluate` section, with the models it names checked against `transfer.models`."""
+    cfg = load_section(EvaluateConfig, params, "evaluate")
+    models = (params.get("transfer") or {}).get("models") or {}
+    for name in cfg.autoattack_models:
+        if name not in models:
+            raise ConfigError(f"evaluate.autoattack_models: '{name}' is not a key of transfer.models "
+                              f"({', '.join(models)})")
+    return cfg
