@@ -134,6 +134,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle | cosine | constant
     augment: bool = False  # random crop + flip (CIFAR-like data only)
+    amp: bool = False  # bf16 autocast of each training step on CUDA workers (ignored on the CPU)
     seed: int = 0
 
     def validate(self, key: str) -> None:

@@ -10,6 +10,7 @@ changed job starts afresh. `FailureConfig(max_failures)` restarts dead workers w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -278,6 +279,10 @@ def train_loop_per_worker(job: dict) -> None:
     data = {k: v.to(device) for k, v in plan.train.items()}
     val_x, val_y = plan.val[0].to(device), plan.val[1].to(device)
     guard_x, guard_y = data["x"][:256], data["y"][:256]
+    # `amp`: bf16 autocast of the training step (attack and loss) on CUDA; bf16 needs no loss scaling.
+    # Validation, the guard and the stages' evaluations stay in fp32. Ignored on the CPU.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
+                else contextlib.nullcontext())
     bar = _progress(rank, cfg.epochs, state["epoch"] + 1, job.get("name", "train"))
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         t0 = time.perf_counter()
@@ -296,7 +301,8 @@ def train_loop_per_worker(job: dict) -> None:
             batch = {k: v[idx] for k, v in data.items()}
             if cfg.augment:
                 batch["x"] = _augment(batch["x"])
-            loss, logits, step_passes = model(batch)
+            with autocast:
+                loss, logits, step_passes = model(batch)
             if job.get("test_faults"):
                 loss = _inject_fault(job, epoch * steps_per_epoch + step_i, rank, loss)
             if not torch.isfinite(loss):

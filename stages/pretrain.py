@@ -14,7 +14,7 @@ from robust_transfer.config import (REGISTRY_SOURCE, ConfigError, DataConfig, Ml
                                     pretrain_entries)
 from robust_transfer.data import read_image_table, verify_card, write_json
 from robust_transfer.nets import from_spec, save_model
-from stages._common import run, write_history
+from stages._common import device_for, run, write_history
 
 
 def main(args, params) -> None:
@@ -28,6 +28,7 @@ def main(args, params) -> None:
     threat = load_section(ThreatConfig, params, "threat")
     ray_cfg = load_section(RayConfig, params, "ray")
     ml_cfg = load_section(MlflowConfig, params, "mlflow")
+    device = device_for(ray_cfg)  # where this stage measures the trained model (checked before training)
     tables = {t: Path("data") / f"{t}.parquet" for t in ("source_train", "source_test")}
     card = verify_card("data/card.json", tables)
     job = {
@@ -43,6 +44,7 @@ def main(args, params) -> None:
         result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"])
         net = from_spec(result.spec)
         net.load_state_dict(result.state)
+        net.to(device)
         x, y = read_image_table(tables["source_test"]).tensors()
         metrics = {
             "clean_acc": evaluation.accuracy(net, x, y),
