@@ -7,6 +7,7 @@ Models take raw [0, 1] images: `to_tensors` only scales, never normalises.
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import io
@@ -14,6 +15,7 @@ import json
 import os
 import pickle
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -379,23 +381,52 @@ def to_table(images: np.ndarray, labels: np.ndarray, orig_labels: np.ndarray, cl
 
 
 def atomic_path(path: Path) -> Path:
-    """A temporary sibling of `path`: write there, then `os.replace` it into place."""
+    """A temporary sibling of `path`: write there, then `os.replace` it into place (or use `atomic_write`).
+
+    Temporaries left by a killed process (`.<name>.tmp-<pid>`, pid no longer running) are removed
+    here, so the next write of `path` cleans up after a crash; the old `path` itself is never touched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_table(table: pa.Table, path: str | Path) -> None:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to; it replaces `path` only if the block
+    completes, and is removed if it fails, so readers see the old file or the whole new one."""
     path = Path(path)
     tmp = atomic_path(path)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

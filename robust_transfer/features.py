@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .config import ConfigError
-from .data import atomic_path, iter_image_batches
+from .data import atomic_write, iter_image_batches
 
 
 def _fixed_list(arr: np.ndarray) -> pa.Array:
@@ -29,34 +29,30 @@ def _fixed_list(arr: np.ndarray) -> pa.Array:
 def extract(net, images_path: str | Path, out_path: str | Path, ks: list[int], meta: dict,
             batch_size: int = 512, device: str = "cpu") -> int:
     """Write `net`'s features of every image in `images_path` to `out_path`; returns the row count."""
-    import os
-
     net = net.to(device).eval()
-    out_path = Path(out_path)
-    tmp = atomic_path(out_path)
     writer, rows, shapes = None, 0, {}
-    try:
-        for part in iter_image_batches(images_path, batch_size):
-            x, y = part.tensors()
-            x = x.to(device)
-            cols = {"label": pa.array(y.numpy(), pa.int64()), "z": None}
-            cols["z"] = _fixed_list(net.features(x).cpu().numpy())
-            shapes["z"] = [net.feature_dim]
-            for k in ks:
-                h = net.trunk(x, k).cpu()
-                shapes[f"h{k}"] = list(h.shape[1:])
-                cols[f"h{k}"] = _fixed_list(h.numpy())
-            batch = pa.table(cols)
-            if writer is None:
-                schema = batch.schema.with_metadata({**{k: json.dumps(v) for k, v in meta.items()},
-                                                     "shapes": json.dumps(shapes)})
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-            writer.write_table(batch.cast(writer.schema))
-            rows += len(y)
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, out_path)
+    with atomic_write(out_path) as tmp:  # a failed or killed extraction leaves the old table in place
+        try:
+            for part in iter_image_batches(images_path, batch_size):
+                x, y = part.tensors()
+                x = x.to(device)
+                cols = {"label": pa.array(y.numpy(), pa.int64()), "z": None}
+                cols["z"] = _fixed_list(net.features(x).cpu().numpy())
+                shapes["z"] = [net.feature_dim]
+                for k in ks:
+                    h = net.trunk(x, k).cpu()
+                    shapes[f"h{k}"] = list(h.shape[1:])
+                    cols[f"h{k}"] = _fixed_list(h.numpy())
+                batch = pa.table(cols)
+                if writer is None:
+                    schema = batch.schema.with_metadata({**{k: json.dumps(v) for k, v in meta.items()},
+                                                         "shapes": json.dumps(shapes)})
+                    writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+                writer.write_table(batch.cast(writer.schema))
+                rows += len(y)
+        finally:
+            if writer is not None:
+                writer.close()
     return rows
 
 

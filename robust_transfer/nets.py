@@ -173,15 +173,11 @@ def from_spec(spec: dict) -> Net:
 
 def save_model(model: Net, spec: dict, path, extra: Optional[dict] = None) -> None:
     """A checkpoint is a plain dict of tensors and JSON-able values: loads with weights_only=True."""
-    import os
-    from pathlib import Path
+    from .data import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"spec": spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({"spec": spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "extra": extra or {}}, tmp)
 
 
 def load_model(path, expect_arch: Optional[str] = None) -> tuple[Net, dict]:

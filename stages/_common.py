@@ -26,20 +26,16 @@ def write_history(history: list[dict], path) -> None:
     """Per-epoch metrics as a CSV (a DVC plot), written atomically."""
     import csv
     import io
-    import os
-    from pathlib import Path
 
-    from robust_transfer.data import atomic_path
+    from robust_transfer.data import atomic_write
 
-    path = Path(path)
-    tmp = atomic_path(path)
     buf = io.StringIO()
     keys = list(dict.fromkeys(k for row in history for k in row))
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(history)
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def device_for(ray_cfg) -> str:
