@@ -180,8 +180,9 @@ def save_model(model: Net, spec: dict, path, extra: Optional[dict] = None) -> No
                     "extra": extra or {}}, tmp)
 
 
-def load_model(path, expect_arch: Optional[str] = None) -> tuple[Net, dict]:
-    """Rebuild a network from a checkpoint written by `save_model`; never unpickles arbitrary objects."""
+def load_model(path, expect_arch: Optional[str] = None, expect: Optional[dict] = None) -> tuple[Net, dict]:
+    """Rebuild a network from a checkpoint written by `save_model`; never unpickles arbitrary objects.
+    `expect`: spec fields the checkpoint must have (e.g. the data's in_channels and image_size)."""
     from pathlib import Path
 
     path = Path(path)
@@ -196,6 +197,9 @@ def load_model(path, expect_arch: Optional[str] = None) -> tuple[Net, dict]:
     spec = ckpt["spec"]
     if expect_arch and spec.get("arch") != expect_arch:
         raise ConfigError(f"{path} holds a '{spec.get('arch')}' checkpoint, expected '{expect_arch}'")
+    wrong = {k: spec.get(k) for k, v in (expect or {}).items() if spec.get(k) != v}
+    if wrong:
+        raise ConfigError(f"{path} holds a model for {wrong}, expected {({k: expect[k] for k in wrong})}")
     model = from_spec(spec)
     try:
         model.load_state_dict(ckpt["state_dict"])

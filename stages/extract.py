@@ -25,7 +25,10 @@ def main(args, params) -> None:
         raise ConfigError(f"extract: no source '{args.source}' in pretrain.sources ({', '.join(sources)})")
     for source in [args.source]:
         ckpt = Path("models") / f"{source}.pt"
-        net, extra = load_model(ckpt)
+        _, cfg_src, options = sources[source]
+        shape = card["tables"]["target_train"]["image_shape"]  # H, W, C
+        net, extra = load_model(ckpt, expect_arch=None if "registry" in options else cfg_src.arch,
+                                expect={"in_channels": shape[2], "image_size": shape[0]})
         ks = [k for k in cfg.ks if k <= len(net.blocks)]
         meta = {"source": source, "source_run_id": extra.get("run_id"), "source_sha256": sha256_file(ckpt),
                 "data_hash": card["data_hash"], "ks": ks}
