@@ -46,25 +46,29 @@ def score(clean: float, pgd: float, clean_floor: float) -> float:
 
 def search_points(space: dict[str, tuple[float, float]], baseline: dict[str, float], n: int,
                   seed: int) -> list[dict[str, float]]:
-    """`n` option settings: the params' own values first, then an even log grid over [low, high] for one
-    option, or seeded log-uniform draws for several; values rounded to 3 significant digits."""
+    """`n` option settings, the params' own values first. One option: an even log grid over [low, high]
+    (the grid point nearest the params' value gives way to it when that value lies inside the range,
+    so the ends stay covered); several: seeded log-uniform draws. Values rounded to 3 digits."""
     names = sorted(space)
-    points = [{k: float(baseline[k]) for k in names}]
-    rest = max(n - 1, 0)
+    base = {k: float(baseline[k]) for k in names}
     if len(names) == 1:
         (name,) = names
         low, high = space[name]
-        grid = np.geomspace(low, high, rest) if rest > 1 else np.array([math.sqrt(low * high)] * rest)
-        draws = [{name: v} for v in grid]
+        inside = low <= base[name] <= high
+        k = n if inside else n - 1
+        values = [_round(v) for v in (np.geomspace(low, high, k) if k > 1 else [math.sqrt(low * high)] * max(k, 0))]
+        if inside and values:
+            values.remove(min(values, key=lambda v: abs(math.log(v / base[name]))))
+        draws = [{name: v} for v in values]
     else:
         rng = np.random.default_rng(seed)
-        draws = [{k: math.exp(rng.uniform(math.log(space[k][0]), math.log(space[k][1]))) for k in names}
-                 for _ in range(rest)]
-    for d in draws:
-        p = {k: _round(v) for k, v in d.items()}
+        draws = [{k: _round(math.exp(rng.uniform(math.log(space[k][0]), math.log(space[k][1])))) for k in names}
+                 for _ in range(n - 1)]
+    points = [base]
+    for p in draws:
         if p not in points:
             points.append(p)
-    return points
+    return points[:n]
 
 
 def _round(v: float, digits: int = 3) -> float:
@@ -166,7 +170,7 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     grace = grace_epochs(method, options, epochs, cfg.grace_frac)
     scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=grace,
                               reduction_factor=cfg.reduction_factor)
-    name = f"tune-{model}-{engine.job_hash({'job': job, 'points': points, 'cfg': dataclasses.asdict(cfg)})}"
+    name = f"search-{model}-{engine.job_hash({'job': job, 'points': points, 'cfg': dataclasses.asdict(cfg)})}"
     tuner = tune.Tuner(
         trainable,
         param_space={"options": tune.grid_search(points)},

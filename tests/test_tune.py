@@ -35,14 +35,19 @@ def test_scored_metrics_add_score_and_epochs_and_drop_done_and_mark_failures():
 
 
 def test_search_points_start_with_the_params_value_and_cover_the_range_on_a_log_grid():
-    pts = tuning.search_points({"lam": (0.001, 1.0)}, {"lam": 0.005}, n=5, seed=0)
-    assert pts[0] == {"lam": 0.005} and len(pts) == 5
+    import numpy as np
+
+    pts = tuning.search_points({"lam": (0.0005, 0.5)}, {"lam": 0.005}, n=8, seed=0)
+    assert pts[0] == {"lam": 0.005} and len(pts) == 8 and len({p["lam"] for p in pts}) == 8
+    grid = [float(f"{v:.3g}") for v in np.geomspace(0.0005, 0.5, 8)]
     values = [p["lam"] for p in pts[1:]]
-    assert values[0] == 0.001 and values[-1] == 1.0
-    ratios = [b / a for a, b in zip(values, values[1:])]
-    assert max(ratios) / min(ratios) < 1.01  # evenly spaced in log
-    # the params' value inside the grid is not run twice
-    assert len(tuning.search_points({"lam": (0.001, 1.0)}, {"lam": 0.001}, n=5, seed=0)) == 4
+    assert set(values) < set(grid) and values[0] == 0.0005 and values[-1] == 0.5  # both ends stay
+    (gave_way,) = set(grid) - set(values)
+    assert gave_way == min(grid, key=lambda v: abs(math.log(v / 0.005)))  # the grid point nearest 0.005
+    # a value outside the range keeps the whole grid; a value on the grid is not run twice
+    assert [p["lam"] for p in tuning.search_points({"lam": (0.001, 0.1)}, {"lam": 0.5}, 4, 0)] == [0.5, 0.001, 0.01, 0.1]
+    assert [p["lam"] for p in tuning.search_points({"lam": (0.001, 1.0)}, {"lam": 0.001}, 5, 0)] == \
+        [0.001, 0.00562, 0.0316, 0.178, 1.0]
 
 
 def test_search_points_for_several_options_are_seeded_draws_inside_the_box():
