@@ -2,6 +2,10 @@
 
 The weight of a method's regulariser (LwF's `lam`, CARTL's spectral-norm bound `beta`) sets the
 accuracy-robustness trade-off, and a bad one wrecks the model, so the tune stage searches it.
+Any numeric option of a transfer method can be searched (`tune.models`). CARTL's feature-distance
+weight is not among them: it belongs to the source's pre-training (`pretrain.sources.cartl.lam`),
+so searching it would pre-train a source model per trial; the tune stage searches the fine-tuning
+bound `beta` on a fixed CARTL source instead.
 
 Each trial runs the transfer stage's own trainer (`engine.make_trainer`: the same job, objective and
 Ray Train loop) with the trial's options, trained on `target_fit` (the target shots minus the
