@@ -158,10 +158,16 @@ def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
         if lines:
             raise ConfigError(lines[-1].split("ConfigError: ", 1)[1]) from None
         raise
-    if (result.metrics or {}).get("failed"):
-        raise ConfigError(f"{name}: {result.metrics['failed']}")
+    # Ray Train V2's result carries the metrics of the latest checkpoint only, so a worker that stops
+    # without one (non-finite loss) leaves its reason in a file beside the checkpoints.
+    failure = _read_failure(result)
+    if failure:
+        raise ConfigError(f"{name}: {failure}")
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
+    if not (result.metrics or {}).get("done"):  # never hand on a half-trained model as if complete
+        raise RuntimeError(f"{name}: training ended before its last epoch (latest checkpoint: epoch "
+                           f"{(result.metrics or {}).get('epoch')})")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     resumed = state.get("resumed_from") or []
@@ -256,6 +262,8 @@ def train_loop_per_worker(job: dict) -> None:
     swa_net = None
     state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None, resumed_from=[])
 
+    if rank == 0:
+        _write_failure(None)  # a new attempt: an earlier attempt's failure no longer stands
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: weights, optimiser, schedule and counters from the latest epoch
         with checkpoint.as_directory() as d:
@@ -305,9 +313,12 @@ def train_loop_per_worker(job: dict) -> None:
                 loss, logits, step_passes = model(batch)
             if job.get("test_faults"):
                 loss = _inject_fault(job, epoch * steps_per_epoch + step_i, rank, loss)
-            if not torch.isfinite(loss):
-                state["stopped_early"] = (f"loss became {loss.item()} at epoch {epoch} step {step_i}; "
+            if not _all_finite(loss, world):  # every rank stops at the same step (no rank left in an all-reduce)
+                value = loss.item() if not torch.isfinite(loss) else "non-finite on another worker"
+                state["stopped_early"] = (f"loss became {value} at epoch {epoch} step {step_i}; "
                                           f"kept the last good checkpoint (epoch {state['epoch']})")
+                if rank == 0:
+                    _write_failure(state["stopped_early"])
                 _report_failure(state, plan)
                 return
             opt.zero_grad(set_to_none=True)
@@ -505,8 +516,43 @@ def _inject_fault(job: dict, step: int, rank: int, loss: torch.Tensor) -> torch.
     return loss
 
 
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    finite = bool(torch.isfinite(loss.detach()))
+    if world > 1:
+        flag = torch.tensor([1.0 if finite else 0.0], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.item() > 0
+    return finite
+
+
+FAILURE_FILE = "failure.txt"
+
+
+def _write_failure(message: Optional[str]) -> None:
+    """Record (or with None, clear) why this run stopped, in the run's folder on its storage."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    path = f"{storage.experiment_fs_path}/{FAILURE_FILE}"
+    if message is None:
+        if storage.storage_filesystem.get_file_info(path).type.name != "NotFound":
+            storage.storage_filesystem.delete_file(path)
+        return
+    with storage.storage_filesystem.open_output_stream(path) as f:
+        f.write(message.encode())
+
+
+def _read_failure(result) -> Optional[str]:
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/{FAILURE_FILE}") as f:
+            return f.read().decode().strip() or None
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def _report_failure(state: dict, plan: Plan) -> None:
-    """NaN/inf loss: report the reason without a checkpoint, so the last good one stays the latest."""
+    """NaN/inf loss: report the reason without a checkpoint, so the last good one stays the latest.
+    Callbacks that see every report (the tune stage's relay) read it here; `fit` reads FAILURE_FILE."""
     import ray.train
 
     ray.train.report({"failed": state["stopped_early"]})
