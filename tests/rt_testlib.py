@@ -114,7 +114,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @functools.cache
 def prepared_project() -> Path:
     """A temporary project folder holding the smoke params and the prepare stage's outputs (digits).
-    Made once per test session; tests that change it must copy it first (see `copy_project`)."""
+    Made once per test session; tests that change it must copy it first (see `copy_prepared`)."""
     import atexit
     import shutil
     import tempfile
@@ -127,7 +127,7 @@ def prepared_project() -> Path:
     return root
 
 
-def copy_project(dest: Path) -> Path:
+def copy_prepared(dest: Path) -> Path:
     """A private copy of `prepared_project()` (params and data/) at `dest`."""
     import shutil
 
