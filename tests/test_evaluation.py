@@ -239,3 +239,23 @@ def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
         assert run.data.tags["model_run_id"] == ev["model_run_id"]
         assert run.data.metrics["pgd_acc"] == pytest.approx(ev["pgd_acc"])
 
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_every_curve_on_one_plot(smoke_project):
+    import subprocess
+
+    import yaml
+
+    from conftest import BIN, project_env
+
+    root = smoke_project.parents[1]
+    target = "pipelines/smoke/reports/curves.csv"
+    proc = subprocess.run([str(BIN / "dvc"), "plots", "show", "--json", target], cwd=root, env=project_env(root),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (plot,) = json.loads(proc.stdout)["data"][target]
+    content = plot["content"]
+    assert plot["type"] == "vega" and content["encoding"]["color"]["field"] == "model"
+    models = yaml.safe_load((smoke_project / "params.yaml").read_text())["transfer"]["models"]
+    assert {row["model"] for row in content["data"]["values"]} == set(models)
