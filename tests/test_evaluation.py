@@ -229,12 +229,11 @@ def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
 
     params = yaml.safe_load((smoke_project / "params.yaml").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{smoke_project.parents[1] / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
-    runs = {r.data.tags.get("stage"): r for r in client.search_runs([exp.experiment_id], max_results=500)}
     for name in params["transfer"]["models"]:
         ev = json.loads((smoke_project / f"metrics/evaluate_{name}.json").read_text())
-        run = runs[f"evaluate-{name}"]
-        assert run.info.run_id == ev["run_id"] and run.info.status == "FINISHED"
+        run = client.get_run(ev["run_id"])
+        assert run.data.tags["stage"] == f"evaluate-{name}" and run.info.status == "FINISHED"
+        assert run.data.tags["model"] == name
         assert run.data.tags["checks_passed"] == str(ev["checks_passed"]).lower()
         assert run.data.tags["model_run_id"] == ev["model_run_id"]
         assert run.data.metrics["pgd_acc"] == pytest.approx(ev["pgd_acc"])
