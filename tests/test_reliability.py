@@ -168,7 +168,8 @@ def test_use_gpu_without_a_gpu(project):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     params = dict(smoke_params(), ray={**smoke_params()["ray"], "use_gpu": True})
-    refuse(project, "pretrain", "robust", params=params, fragment="ray.use_gpu is true but this machine has 0")
+    # the stage checks before training (it measures the model on the GPU), the engine before Ray starts
+    refuse(project, "pretrain", "robust", params=params, fragment="ray.use_gpu is true but")
     refuse(project, "extract", "robust", params=params, fragment="ray.use_gpu is true but no CUDA GPU")
 
 
@@ -366,33 +367,37 @@ def ray_runtime():
     ray.shutdown()
 
 
-def _job(name: str, epochs: int = 3) -> dict:
+def _job(name: str, epochs: int = 3, batch_size: int = 64) -> dict:
     data = prepared_project() / "data"
     return {"name": name, "kind": "pretrain", "method": "natural", "options": {},
-            "train": dataclasses.asdict(TrainConfig(epochs=epochs, batch_size=64, lr=0.05)),
+            "train": dataclasses.asdict(TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05)),
             "threat": dataclasses.asdict(ThreatConfig(train_steps=1, eval_steps=1)),
             "paths": {"train": str(data / "source_train.parquet"), "val": str(data / "source_test.parquet")},
             "num_classes": 5, "data_hash": "test"}
 
 
-def _steps_per_epoch() -> int:
+def _steps_per_epoch(batch_size: int = 64) -> int:
     n = pq.ParquetFile(prepared_project() / "data" / "source_train.parquet").metadata.num_rows
-    return math.ceil(n / 64)
+    return math.ceil(n / batch_size)
 
 
 @pytest.mark.parametrize("mode", ["raise", "sigkill"])
 def test_failed_worker_is_restarted_within_the_run_from_its_checkpoint(ray_runtime, tmp_path, monkeypatch, capsys,
                                                                       mode):
-    """FailureConfig(max_failures): rank 0 fails once in epoch 1 (an exception, or SIGKILL of the worker
-    process); Ray Train restarts the worker group and it resumes from epoch 0's checkpoint."""
-    step = _steps_per_epoch() + 2  # epoch 1, step 2
+    """FailureConfig(max_failures): rank 0 fails once at the last step of epoch 2 (an exception, or
+    SIGKILL of the worker process); Ray Train restarts the worker group within the same run and it
+    resumes from the latest checkpoint. A checkpoint counts once Ray Train's controller has collected
+    its report (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.2 s here): a worker SIGKILLed
+    within that window after a report loses that checkpoint too and resumes from the one before."""
+    steps = _steps_per_epoch(32)
+    step = 3 * steps - 1  # the last step of epoch 2: a whole epoch after epoch 1's checkpoint
     monkeypatch.setenv("RT_FAIL_ONCE_AT_STEP", str(step))
     monkeypatch.setenv("RT_FAIL_MODE", mode)
-    job = _job(f"fail-{mode}")
+    job = _job(f"fail-{mode}", epochs=4, batch_size=32)
     result = engine.fit(job, RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1), tmp_path, job["name"])
-    assert result.resumed_from == [0]
-    assert [row["epoch"] for row in result.history] == [0, 1, 2]
-    assert f"resumed from the checkpoint of epoch 0" in capsys.readouterr().out
+    assert result.resumed_from == [1] if mode == "raise" else result.resumed_from in ([1], [0])
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert f"resumed from the checkpoint of epoch {result.resumed_from[0]}" in capsys.readouterr().out
     assert result.history[-1]["val_clean_acc"] > 0.8  # the restarted run trained on
     markers = list(Path("/tmp").glob(f"rt-fault-{job['name']}-{os.getpid()}-*"))
     assert markers and markers[0].read_text() == f"failed at step {step}\n"
