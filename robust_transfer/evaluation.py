@@ -134,8 +134,9 @@ def autoattack(net, x, y, norm: str, eps: float, n_classes: int, steps: int = 10
     Square run in that order, each on the images that all previous attacks failed on, so the result is
     the pointwise worst case over the four. Run one by one (as torchattacks' AutoAttack/MultiAttack does
     internally) to record the breakdown: robust accuracy after each attack and the images each one
-    broke. `steps` 100 and `queries` 5000 are AutoAttack's standard settings; APGD-T and FAB-T target
-    the n_classes - 1 other classes."""
+    broke. `steps` 100 and `queries` 5000 are the standard settings of AutoAttack's reference code
+    (torchattacks' own AutoAttack wrapper leaves APGD and FAB at its default of 10 iterations);
+    APGD-T and FAB-T target the n_classes - 1 other classes (AutoAttack's 9 on 10 classes)."""
     import torchattacks
 
     net.eval()

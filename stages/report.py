@@ -142,7 +142,7 @@ def plot_tradeoff(evals: dict[str, dict], front: list[str], path: Path) -> None:
         ax.annotate(name, (ev["clean_acc"], ev["pgd_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     xs = [evals[n]["clean_acc"] for n in front]
     ys = [evals[n]["pgd_acc"] for n in front]
-    ax.step(xs, ys, where="post", color="C3", lw=1, label="Pareto front")
+    ax.step(xs, ys, where="pre", color="C3", lw=1, label="Pareto front")  # the boundary of what the front attains
     any_ev = next(iter(evals.values()))
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel(f"PGD accuracy ({any_ev['norm']}, eps {any_ev['eps']})")
