@@ -536,12 +536,12 @@ class EvaluateConfig:
     eps_grid: Optional[list[float]] = None  # null: Linf [0, .025, .05, .1, .15, .2, .3]; L2: eps * [0, .25, .5, 1, 1.5, 2, 3]
     steps: int = 20  # PGD steps of the curve and of pgd_acc (random start)
     restarts: int = 1
-    check_images: int = 40  # PGD-100 with restarts, compared with PGD-20 on the same images
+    check_images: int = 30  # PGD-100 with restarts, compared with PGD-20 on the same images
     check_steps: int = 100
     check_restarts: int = 2
     transfer_steps: int = 20  # PGD on the public source model's features (and logits when labels match)
-    autoattack_images: int = 30
-    autoattack_top: int = 2  # AutoAttack runs on the best `top` transferred models by PGD accuracy ...
+    autoattack_images: int = 40
+    autoattack_top: int = 1  # AutoAttack runs on the best `top` transferred models by PGD accuracy ...
     autoattack_models: list[str] = field(default_factory=list)  # ... and on every model named here
     autoattack_steps: int = 100  # AutoAttack's standard version: 100 iterations of APGD-CE, APGD-T and FAB-T
     autoattack_queries: int = 5000  # and 5000 queries of Square
