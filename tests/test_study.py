@@ -52,8 +52,10 @@ def test_every_level_of_every_method_passes_the_stages_validation(shots):
 
 
 def test_a_method_subset_keeps_what_it_needs_and_drops_the_rest():
-    lv = study.level(STUDY_PARAMS, 50, 120, ["rrm", "lwf"])
-    params = study.check_level(STUDY_PARAMS, lv)
+    base = json.loads(json.dumps(STUDY_PARAMS))
+    base["evaluate"]["autoattack_models"] = ["lwf", "target_at_scratch"]
+    lv = study.level(base, 50, 120, ["rrm", "lwf"])
+    params = study.check_level(base, lv)
     # rrm's teacher is target_at_source, itself transferred from the robust source
     assert list(params["transfer"]["models"]) == ["lwf", "target_at_source", "rrm"]
     assert list(params["pretrain"]["sources"]) == ["robust"]
