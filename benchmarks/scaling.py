@@ -93,12 +93,13 @@ def pipeline_scaling(scales=(0.5, 1, 2)) -> dict:
 
 
 def run(quick: bool = False, device: str = "cpu", threads: int = 2, pipeline: bool = False) -> dict:
+    started = machine()  # the load average as the benchmark starts
     private_ray()
     gpu = device != "cpu"
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         work = Path(tmp)
         base = 2000 if quick else BASE_IMAGES
-        result = {"quick": quick, "machine": machine(), "base_images": base,
+        result = {"quick": quick, "machine": started, "base_images": base,
                   "data_and_width": data_and_width(work, threads, base),
                   "workers": workers(work, base, use_gpu=gpu)}
     if pipeline:

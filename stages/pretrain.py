@@ -123,6 +123,5 @@ def from_registry(source: str, uri: str, params: dict) -> None:
                       Path("plots") / f"pretrain_{source}.csv")
 
 
-
 if __name__ == "__main__":
     run(main, lambda p: p.add_argument("source", help="a key of pretrain.sources"))

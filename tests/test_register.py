@@ -46,12 +46,13 @@ PARAMS = {
 }
 
 
-def python(*args, cwd, uri=None, timeout=600):
-    """Run `python *args` in a fresh process: the project's store unless `uri` names another."""
+def python(*args, cwd, uri=None, code=REPO, timeout=600):
+    """Run `python *args` in a fresh process with `code` importable: the project's store unless
+    `uri` names another."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     if uri:
         env["MLFLOW_TRACKING_URI"] = uri
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = str(code)
     env["OMP_NUM_THREADS"] = "1"  # tiny models: more threads only spin on a shared CPU
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -391,10 +392,11 @@ def test_register_and_load_through_a_tracking_server(project, mlflow_server, tmp
 def test_smoke_pipeline_champion_through_a_tracking_server(smoke_project, mlflow_server):
     """The smoke pipeline's own outputs (real evaluate numbers, AutoAttack included) registered on a
     server and the champion loaded from a separate process."""
-    wdir = Path(smoke_project) / "pipelines" / "smoke"
-    reg = python("-m", "stages.register", cwd=wdir, uri=mlflow_server)
+    wdir = Path(smoke_project)  # pipelines/smoke in the copy
+    code = wdir.parents[1]
+    reg = python("-m", "stages.register", cwd=wdir, uri=mlflow_server, code=code)
     assert reg.returncode == 0, reg.stdout + reg.stderr
-    out = python(str(REPO / "examples/load_champion.py"), cwd=wdir, uri=mlflow_server)
+    out = python(str(code / "examples/load_champion.py"), cwd=wdir, uri=mlflow_server, code=code)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     metrics = json.loads((wdir / "metrics" / f"evaluate_{json.loads((wdir / 'registry/register.json').read_text())['champion']['model']}.json").read_text())
