@@ -7,6 +7,7 @@ summary that reads their committed metrics and draws robust accuracy (PGD, and A
 evaluate stage ran it) against shots, one line per model, with the training compute beside it.
 
     python -m stages.study run [--shots 5 10 20 50 100 500] [--models lwf target_at_scratch ...] [--steps 120]
+                               [--set evaluate.autoattack_top=1 ...]
     python -m stages.study collect          # re-draw from the experiments already run
     python -m stages.study run --dry-run    # print the `dvc exp run` commands, run nothing
 
@@ -112,9 +113,11 @@ def epochs_for(shots: int, n_classes: int, batch_size: int, steps: int) -> int:
     return max(1, math.ceil(steps / batches))
 
 
-def level(params: dict, shots: int, steps: int, models: Optional[list[str]] = None) -> Level:
+def level(params: dict, shots: int, steps: int, models: Optional[list[str]] = None,
+          extra: Optional[dict[str, Any]] = None) -> Level:
     """One shots level: data.shots (val_shots kept below it), the epochs that give `steps` optimiser
-    steps, and the models (and the sources, tune entries and AutoAttack picks) outside `models` removed."""
+    steps, the models (and the sources, tune entries and AutoAttack picks) outside `models` removed,
+    and any `extra` settings (dotted key -> value) for every level."""
     data, transfer = params["data"], params["transfer"]
     n_classes = len(data["target_classes"])
     keep = needed_models(params, models)
@@ -141,7 +144,19 @@ def level(params: dict, shots: int, steps: int, models: Optional[list[str]] = No
     picks = (params.get("evaluate") or {}).get("autoattack_models")
     if picks and any(m not in keep for m in picks):
         lv.sets["evaluate.autoattack_models"] = [m for m in picks if m in keep]
+    lv.sets.update(extra or {})
     return lv
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set evaluate.autoattack_top=1` -> {"evaluate.autoattack_top": 1} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.startswith("~"):
+            raise ConfigError(f"--set {item!r}: expected key=value (a dotted params key)")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def check_level(params: dict, lv: Level) -> dict:
@@ -485,6 +500,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     run_p.add_argument("--shots", type=int, nargs="+", default=SHOTS)
     run_p.add_argument("--models", nargs="+", default=None, help="keys of transfer.models (default: all)")
     run_p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps per model at every level")
+    run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="another setting for every level, e.g. evaluate.autoattack_top=1 (repeatable)")
     run_p.add_argument("--dry-run", action="store_true", help="print the commands only")
     col_p = sub.add_parser("collect", help="summarise the experiments already run")
     for p in (run_p, col_p):
@@ -503,7 +520,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if any(s <= 0 for s in args.shots) or args.steps <= 0:
                 raise ConfigError("--shots and --steps must be positive")
             params = load_all(root / pipeline / "params.yaml")
-            levels = [level(params, s, args.steps, args.models) for s in sorted(set(args.shots))]
+            extra = parse_sets(args.set)
+            levels = [level(params, s, args.steps, args.models, extra) for s in sorted(set(args.shots))]
             for lv in levels:
                 check_level(params, lv)
             runs = run_levels(root, pipeline, levels, args.dry_run)

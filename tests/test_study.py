@@ -68,6 +68,17 @@ def test_a_method_subset_keeps_what_it_needs_and_drops_the_rest():
         study.level(STUDY_PARAMS, 50, 120, ["typo"])
 
 
+def test_extra_settings_reach_every_level_and_typos_stop_the_run():
+    extra = study.parse_sets(["evaluate.autoattack_top=1", "evaluate.autoattack_models=[lwf]"])
+    assert extra == {"evaluate.autoattack_top": 1, "evaluate.autoattack_models": ["lwf"]}
+    params = study.check_level(STUDY_PARAMS, study.level(STUDY_PARAMS, 10, 120, None, extra))
+    assert params["evaluate"]["autoattack_top"] == 1 and params["evaluate"]["autoattack_models"] == ["lwf"]
+    with pytest.raises(ConfigError, match="did you mean 'autoattack_top'"):
+        study.check_level(STUDY_PARAMS, study.level(STUDY_PARAMS, 10, 120, None, {"evaluate.autoattack_tpo": 1}))
+    with pytest.raises(ConfigError, match="key=value"):
+        study.parse_sets(["evaluate.autoattack_top"])
+
+
 def test_the_dry_run_prints_one_dvc_experiment_per_level(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     study.main(["run", "--dry-run", "--shots", "10", "5", "--models", "lwf"])
