@@ -79,13 +79,15 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
         address = os.environ.get("RAY_ADDRESS")
         if address and address != "auto" and not address.startswith("ray://"):
             _check_reachable(address, timeout_s)
+        shared = not address and os.environ.get("RT_LOCAL_RAY", "shared") != "off"
         if not address:  # join (or start) the runtime shared by all stages; "local": a private one
-            address = "local" if os.environ.get("RT_LOCAL_RAY", "shared") == "off" else runtime.local_address()
+            address = runtime.local_address() if shared else "local"
             # One machine, no spot instances: nothing to watch for (on a cluster the default stays on).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # Stages of concurrent pipelines queue for the shared cores: waiting is not a failure
             # (connect() has already checked that the job fits the cluster at all).
             os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "7200")
+            os.environ["RT_RAY_DASHBOARD"] = "0"  # a local runtime runs without one (see _trainer_class)
         # The workers of a shared or remote cluster do not inherit this process's environment:
         # hand them what they need (MLflow's store, Ray Train's settings) with the job.
         # PYTHONPATH too, so a checkout that is not the installed one trains with its own code.
@@ -99,6 +101,8 @@ def connect(ray_cfg: RayConfig, timeout_s: float = 15.0) -> None:
             where = f"RAY_ADDRESS={address}" if os.environ.get("RAY_ADDRESS") else f"local Ray at {address}"
             raise ConfigError(f"{where}: cannot connect to a Ray cluster "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        if shared:
+            runtime.release_orphaned_placement_groups()
     res = ray.cluster_resources()
     if ray_cfg.use_gpu and res.get("GPU", 0) < ray_cfg.num_workers:
         raise ConfigError(f"ray.use_gpu is true but the cluster has {int(res.get('GPU', 0))} GPU(s) for "
@@ -207,7 +211,9 @@ def _trainer_class():
     from ray.train.torch import TorchTrainer
 
     unused = {"DatasetsCallback"}
-    if not ray._private.worker.get_dashboard_url():
+    # (inside an actor, e.g. a Tune trial, get_dashboard_url() names a default even where none runs:
+    # the stage's driver then says so with RT_RAY_DASHBOARD=0, forwarded to every worker)
+    if os.environ.get("RT_RAY_DASHBOARD") == "0" or not ray._private.worker.get_dashboard_url():
         unused.add("PlacementGroupCleanerCallback")
 
     class Trainer(TorchTrainer):
@@ -417,7 +423,10 @@ def _validate(plan: Plan, x, y) -> dict:
     out = {"val_clean_acc": _clean_acc(net, x, y)}
     xs, ys = x[:200], y[:200]  # a quick PGD check on a fixed slice: the trend, not the final number
     x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
-    out["val_pgd_acc"] = _clean_acc(net, x_adv, ys)
+    with torch.no_grad():  # robust = right on the clean image and on its attack (a weak attack can
+        # land a misclassified image on the right side, which must not count)
+        robust = (net(xs).argmax(1) == ys) & (net(x_adv).argmax(1) == ys)
+    out["val_pgd_acc"] = robust.float().mean().item() if len(ys) else 0.0
     net.train(was)
     return out
 

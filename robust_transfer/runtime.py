@@ -102,6 +102,26 @@ def local_address(timeout_s: float = 90.0) -> str:
     return head["address"]
 
 
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups that outlived the job that made them; return how many.
+
+    A placement group made by an actor (a Train controller inside a Tune trial) can outlive its
+    stage when that stage is killed: it then holds its CPUs for good, and every later stage on the
+    shared runtime waits for them. A placement group's id ends with its job's id, so those of dead
+    jobs are found without the dashboard's state API. Called by each stage that joins the runtime."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    dead = {j["JobID"] for j in ray._private.state.jobs() if j.get("IsDead")}
+    removed = 0
+    for pg_hex, info in placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING") and pg_hex[-8:] in dead:
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+            removed += 1
+    return removed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

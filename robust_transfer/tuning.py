@@ -10,9 +10,9 @@ bound `beta` on a fixed CARTL source instead.
 Each trial runs the transfer stage's own trainer (`engine.make_trainer`: the same job, objective and
 Ray Train loop) with the trial's options, trained on `target_fit` (the target shots minus the
 validation split) and scored every epoch on `target_val` (never the test set). In Ray Train V2 a
-Tune trial is a driver function that builds the TorchTrainer and calls `fit()` (`Tuner(trainer)` is
-deprecated); a Train callback relays each epoch's metrics to the driver, which reports them to Tune
-(`run_trial`). The trainer's workers run wherever the cluster has room.
+Tune trial is a trainable that builds the TorchTrainer and calls `fit()` (`Tuner(trainer)` is
+deprecated); a Train callback relays each epoch's metrics to the trial, which returns them to Tune
+(`trial_class`). The trainer's workers run wherever the cluster has room.
 
 Score (what ASHA compares at its rungs): PGD accuracy on the validation split when the clean accuracy
 reaches `clean_floor`, else clean - 1. Every trial under the floor thus ranks below every trial over
@@ -101,55 +101,102 @@ def scored(metrics: dict, clean_floor: float) -> dict:
     return m
 
 
-def _relay_callback(queue, clean_floor: float):
-    """A Ray Train callback (it runs in the Train controller) that forwards rank 0's metrics of every
-    epoch to the trial's driver through `queue`.
+def _relay_callbacks(queue, clean_floor: float) -> list:
+    """Ray Train callbacks (they run in the Train controller) that send the trial, through `queue`,
+    first the controller's own handle (so the trial can abort the run), then rank 0's metrics of
+    every epoch.
 
     Why not Ray's TuneReportCallback: it hands results to Tune from the trial actor's main thread
     through one-slot queues, and when the Train run ends before Tune has fetched the last epoch (a
     busy machine, a slow result callback) the driver's own end-of-function report takes the slot and
-    the trial hangs. Here the driver reports every epoch itself, in order, from its own thread."""
+    the trial hangs. Here the trial reports every epoch itself, in order."""
+    import ray
+    from ray.train.v2._internal.execution.callback import ControllerCallback
     from ray.train.v2.api.callback import UserCallback
 
     class Relay(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put(scored(metrics[0], clean_floor))
+            queue.put(("metrics", scored(metrics[0], clean_floor)))
 
-    return Relay()
+    class Handle(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            queue.put(("controller", ray.get_runtime_context().current_actor))
+
+    return [Relay(), Handle()]
 
 
-def run_trial(config: dict, job: dict, ray_cfg: RayConfig, storage: str, clean_floor: float) -> None:
-    """One Tune trial (the Train driver): the transfer job with this trial's options, fitted by Ray
-    Train in a thread while this function reports each epoch's metrics to Tune."""
+def trial_class():
+    """The Tune trainable of one trial (a class, built on first use: Ray Tune is imported lazily)."""
     import threading
 
+    import ray
     from ray import tune
     from ray.util.queue import Empty, Queue
 
     from . import engine
 
-    job = copy.deepcopy(job)
-    job["options"].update(config["options"])
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = engine.make_trainer(job, ray_cfg, storage, job["name"], callbacks=[_relay_callback(queue, clean_floor)])
-    outcome: dict = {}
+    class TransferTrial(tune.Trainable):
+        """One trial: the transfer job with this trial's options, fitted by Ray Train in a thread;
+        each `step` returns one epoch's metrics.
 
-    def fit():
-        try:
-            trainer.fit()
-        except BaseException as exc:  # re-raised in the trial, so Tune records the error
-            outcome["error"] = exc
+        Why a class trainable: Tune ends a trial by ending its actor (ASHA stopped it, or its last
+        epoch is in), and a Train run ended with the actor that started it leaves its placement
+        group behind, holding the CPUs of its workers for as long as the stage runs: the next trials
+        then wait forever. (Ray Train's own guard, its placement-group cleaner, needs the dashboard's
+        state API.) So `cleanup` aborts the run through its controller, which removes the group, and
+        the last epoch is returned only once the run has finished and freed its workers."""
 
-    runner = threading.Thread(target=fit, daemon=True)
-    runner.start()
-    while True:
-        try:
-            tune.report(queue.get(timeout=0.5))
-        except Empty:
-            if not runner.is_alive() and queue.empty():  # every put happened before fit() returned
-                break
-    if "error" in outcome:
-        raise outcome["error"]
+        def setup(self, config, job, ray_cfg, storage, clean_floor):
+            job = copy.deepcopy(job)
+            job["options"].update(config["options"])
+            self.epochs = job["train"]["epochs"]
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            trainer = engine.make_trainer(job, ray_cfg, storage, job["name"],
+                                          callbacks=_relay_callbacks(self.queue, clean_floor))
+            self.controller, self.outcome = None, {}
+
+            def fit():
+                try:
+                    trainer.fit()
+                except BaseException as exc:  # re-raised by step(), so Tune records the error
+                    self.outcome["error"] = exc
+
+            self.runner = threading.Thread(target=fit, daemon=True)
+            self.runner.start()
+
+        def step(self):
+            while True:
+                try:
+                    kind, item = self.queue.get(timeout=0.5)
+                except Empty:
+                    if not self.runner.is_alive() and self.queue.empty():  # every put came before fit() returned
+                        raise self.outcome.get("error") or RuntimeError("the Train run ended before its last epoch")
+                    continue
+                if kind == "controller":
+                    self.controller = item
+                elif item["epochs_done"] >= self.epochs:
+                    self.runner.join()
+                    if "error" in self.outcome:
+                        raise self.outcome["error"]
+                    return {**item, "done": True}
+                else:
+                    return item
+
+        def save_checkpoint(self, checkpoint_dir):  # Tune saves at a trial's end; the Train run keeps its own
+            return None
+
+        def load_checkpoint(self, checkpoint):
+            pass
+
+        def cleanup(self):
+            if self.runner.is_alive() and self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=120)
+                except Exception:  # abort ends the controller's process: its reply is that error
+                    pass
+                self.runner.join(timeout=120)
+
+    return TransferTrial
 
 
 # ----------------------------------------------------------------------------- the search
@@ -166,7 +213,7 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     points = search_points(space, baseline, cfg.num_samples, cfg.seed)
     trial_ray = dataclasses.replace(ray_cfg, num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker)
     job = dict(job, name=f"tune-{model}")
-    trainable = tune.with_parameters(run_trial, job=job, ray_cfg=trial_ray, storage=storage,
+    trainable = tune.with_parameters(trial_class(), job=job, ray_cfg=trial_ray, storage=storage,
                                      clean_floor=cfg.clean_floor)
     # The driver only launches its workers and waits: it holds `driver_cpus` (0 by default) and a
     # little logical memory, so that `max_concurrent_trials` alone decides how many run at once.

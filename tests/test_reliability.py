@@ -367,6 +367,48 @@ def ray_runtime():
     ray.shutdown()
 
 
+ORPHAN_MAKER = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_config=ray.LoggingConfig(log_level="ERROR"))
+
+@ray.remote(num_cpus=0)
+class Maker:  # detached: its placement group outlives this job, as a killed stage's can
+    def make(self):
+        from ray.util.placement_group import placement_group
+        pg = placement_group([{"CPU": 1}])
+        ray.get(pg.ready())
+        return pg.id.hex()
+
+maker = Maker.options(lifetime="detached", name="rt-orphan-maker", namespace="rt-test").remote()
+print(ray.get(maker.make.remote()))
+"""
+
+
+def test_placement_groups_of_dead_jobs_are_released(ray_runtime):
+    """A placement group left behind by a finished job holds its CPUs until someone removes it;
+    every stage joining the shared runtime removes those (and only those) first."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from robust_transfer import runtime
+
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-c", ORPHAN_MAKER, address], capture_output=True, text=True,
+                         timeout=120, env=stage_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    orphan = out.stdout.split()[-1]
+    ours = placement_group([{"CPU": 0.5}])  # this live job's own group stays
+    ray.get(ours.ready(), timeout=60)
+    try:
+        assert placement_group_table()[orphan]["state"] == "CREATED"  # Ray keeps it: the leak is real
+        assert runtime.release_orphaned_placement_groups() == 1
+        assert placement_group_table()[orphan]["state"] == "REMOVED"
+        assert placement_group_table(ours)["state"] == "CREATED"
+    finally:
+        remove_placement_group(ours)
+        ray.kill(ray.get_actor("rt-orphan-maker", namespace="rt-test"))
+
+
 def _job(name: str, epochs: int = 3, batch_size: int = 64) -> dict:
     data = prepared_project() / "data"
     return {"name": name, "kind": "pretrain", "method": "natural", "options": {},
