@@ -168,23 +168,27 @@ OBJECTIVES: dict[str, Callable[..., Step]] = {
 
 # ----------------------------------------------------------------------------- constraints
 @torch.no_grad()
-def spectral_normalize_(modules, beta: float, state: dict, power_iters: int = 1) -> None:
+def spectral_normalize_(modules, beta: float, state: dict, power_iters: int = 1, tol: float = 1e-4,
+                        max_iters: int = 100) -> None:
     """CARTL's non-expansive constraint: W <- beta * W / sigma(W) for every Conv/Linear weight, sigma
-    estimated by power iteration on the weight reshaped to 2-D (one persistent vector per weight)."""
+    estimated by power iteration on the weight reshaped to 2-D (one persistent vector per weight).
+    At least `power_iters` iterations (CARTL's code does one), then on until the estimate moves less
+    than `tol` relatively: power iteration underestimates sigma, and after a large step one warm
+    iteration can leave sigma(W) several percent above beta, which breaks the bound the method is for."""
     for m in modules:
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         w = m.weight.view(m.weight.shape[0], -1)
         u = state.get(id(m))
-        iters = power_iters
-        if u is None:  # a weight's first estimate starts cold: iterate to convergence once (power
-            # iteration underestimates sigma, so an unconverged start leaves sigma(W) above beta)
+        if u is None:
             u = F.normalize(torch.randn(w.shape[0], device=w.device), dim=0)
-            iters = 100
-        for _ in range(iters):
+        sigma = w.new_zeros(())
+        for i in range(max_iters):
             v = F.normalize(w.t() @ u, dim=0)
             u = F.normalize(w @ v, dim=0)
+            prev, sigma = sigma, torch.dot(u, w @ v)
+            if i + 1 >= power_iters and abs(sigma - prev) <= tol * abs(sigma):
+                break
         state[id(m)] = u
-        sigma = torch.dot(u, w @ v)
         if sigma > 0:
             m.weight.mul_(beta / sigma)

@@ -216,8 +216,8 @@ def test_cartl_keeps_spectral_norms_at_beta_and_the_frozen_part_fixed(files, bet
     assert len(tuned) == 3  # conv4's conv, fc's linear, the head
     for m in tuned:
         sigma = torch.linalg.matrix_norm(m.weight.detach().view(m.weight.shape[0], -1), ord=2).item()
-        # one power iteration per step (as CARTL's code) tracks sigma to within a few percent
-        assert sigma <= beta * 1.05, (m, sigma)
+        # power iteration run to convergence after every step: the bound holds to within 1 %
+        assert sigma <= beta * 1.01, (m, sigma)
         if beta < 1:
             assert sigma <= 1.0
     state = net.blocks.state_dict()
