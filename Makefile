@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip's config on some machines lists local indexes that do not exist for every package: quiet that noise.
 PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install data run test bench clean-outputs
+.PHONY: install data run test test-all bench clean-outputs
 install: $(VENV)/.installed data
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -29,7 +29,13 @@ data:
 run: install
 	PATH=$(abspath $(BIN)):$$PATH dvc repro
 
+# The CI suite (about 12 minutes on 2 cores: the smoke pipeline end to end, beside the unit tests).
 test: install
+	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -m "not slow"
+
+# Everything, also the tests marked slow (the CIFAR pipeline on the CPU, a two-node Ray cluster,
+# a pretrain stage killed and resumed): about 25 more minutes.
+test-all: install
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q
 
 bench: install

@@ -1,13 +1,19 @@
 """Session fixtures: one real end-to-end `dvc repro` of pipelines/smoke/, shared by every test that
-needs a whole pipeline's outputs (it takes minutes; everything else uses tiny in-process models)."""
+needs a whole pipeline's outputs (it takes minutes, and runs while the other tests do; they use
+tiny in-process models and single stages)."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from rt_testlib import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,19 +42,58 @@ def project_env(root: Path, **extra: str) -> dict:
 
 
 def dvc_repro(root: Path, target: str, env: dict, timeout: int = 1500) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dvc"), "repro", target], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = run_group([str(BIN / "dvc"), "repro", target], timeout, cwd=root, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise AssertionError(f"dvc repro {target} failed ({proc.returncode}):\n{tail}")
     return proc
 
 
+SMOKE = "pipelines/smoke/dvc.yaml"
+_smoke: dict = {}
+
+
+def _uses_smoke(item) -> bool:
+    return "smoke_project" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The smoke pipeline's real `dvc repro` starts in the background as soon as the tests are
+    collected, and the tests on its outputs run last: its stages spend much of their time starting
+    processes and waiting on Ray, time the unit tests fill meanwhile."""
+    items.sort(key=_uses_smoke)  # stable: the order within each group stays
+    if config.option.collectonly or not any(map(_uses_smoke, items)):
+        return
+    root = copy_project(Path(tempfile.mkdtemp(prefix="rt-smoke-")) / "project")
+    log = open(root.parent / "repro.log", "w")
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", SMOKE], cwd=root, env=project_env(root), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _smoke.update(root=root, log=log, proc=proc, started=time.monotonic())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    proc = _smoke.get("proc")
+    if proc is not None and proc.poll() is None:  # the session ended before the pipeline did
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc is not None and exitstatus == 0:
+        shutil.rmtree(_smoke["root"].parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def smoke_project(tmp_path_factory) -> Path:
-    """A temporary copy of the project after `dvc repro pipelines/smoke/dvc.yaml`; returns the
-    pipeline folder (its data/, models/, metrics/ ...). The MLflow store is the copy's mlflow.db."""
-    root = copy_project(tmp_path_factory.mktemp("smoke") / "project")
-    proc = dvc_repro(root, "pipelines/smoke/dvc.yaml", project_env(root))
-    (root / "repro.log").write_text(proc.stdout + proc.stderr)
+def smoke_project() -> Path:
+    """A temporary copy of the project after `dvc repro pipelines/smoke/dvc.yaml` (started at
+    collection, see above); returns the pipeline folder (its data/, models/, metrics/ ...). The MLflow
+    store is the copy's mlflow.db; the run's output is repro.log beside the copy."""
+    proc, root, timeout = _smoke["proc"], _smoke["root"], 1500
+    try:
+        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - _smoke["started"])))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no stage may keep its Ray workers
+        proc.wait()
+    _smoke["log"].close()
+    if proc.returncode != 0:
+        tail = "\n".join((root.parent / "repro.log").read_text().splitlines()[-40:])
+        why = f"timed out after {timeout} s" if proc.returncode == -signal.SIGKILL else f"failed ({proc.returncode})"
+        raise AssertionError(f"dvc repro {SMOKE} {why}:\n{tail}")
     return root / "pipelines" / "smoke"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,22 @@ def stage_env(**extra) -> dict:
 def run_stage(cwd: Path, *args, params: str = "params.yaml", timeout: float = 300, **env) -> subprocess.CompletedProcess:
     """`python -m stages.<args> --params <params>` in `cwd`, as DVC would run it."""
     cmd = [sys.executable, "-m", f"stages.{args[0]}", *args[1:], "--params", params]
-    return subprocess.run(cmd, cwd=cwd, env=stage_env(**env), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout, cwd=cwd, env=stage_env(**env))
+
+
+def run_group(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own; on timeout the whole process group is killed, not just
+    `dvc`: a stage process left behind would keep its Ray workers' CPUs and stall every later test."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            tail = "\n".join((out + err).splitlines()[-40:])
+            raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{tail}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def error_lines(stderr: str) -> list[str]:

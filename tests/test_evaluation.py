@@ -185,7 +185,6 @@ SUMMARY_KEYS = {"method", "source", "shots", "clean_acc", "pgd_acc", "autoattack
                 "checks_passed", "train_seconds", "train_passes"}
 
 
-@pytest.mark.slow
 def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
     import yaml
 
@@ -222,7 +221,6 @@ def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
         assert (smoke_project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
     import mlflow
     import yaml
@@ -240,7 +238,6 @@ def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
 
 
 
-@pytest.mark.slow
 def test_dvc_plots_show_renders_every_curve_on_one_plot(smoke_project):
     import subprocess
 

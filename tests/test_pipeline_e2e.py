@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import BIN, project_env
-
-pytestmark = pytest.mark.slow
+from rt_testlib import run_group
 
 
 def _params(pipeline: Path) -> dict:
@@ -74,7 +71,6 @@ def test_each_stage_is_an_mlflow_run_tagged_with_the_data_hash(smoke_project):
 
 def test_a_second_repro_with_nothing_changed_does_nothing(smoke_project):
     root = smoke_project.parents[1]
-    proc = subprocess.run([str(BIN / "dvc"), "repro", "pipelines/smoke/dvc.yaml"], cwd=root,
-                          env=project_env(root), capture_output=True, text=True, timeout=300)
+    proc = run_group([str(BIN / "dvc"), "repro", "pipelines/smoke/dvc.yaml"], 300, cwd=root, env=project_env(root))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Running stage" not in proc.stdout, proc.stdout[-2000:]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from robust_transfer import attacks, evaluation
+from rt_testlib import run_group
 from robust_transfer.config import ConfigError, ThreatConfig, load_all, register_config
 from robust_transfer.data import read_image_table
 from robust_transfer.nets import build_net, load_model, net_spec, save_model
@@ -54,7 +55,7 @@ def python(*args, cwd, uri=None, code=REPO, timeout=600):
         env["MLFLOW_TRACKING_URI"] = uri
     env["PYTHONPATH"] = str(code)
     env["OMP_NUM_THREADS"] = "1"  # tiny models: more threads only spin on a shared CPU
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_group([sys.executable, *args], timeout, cwd=cwd, env=env)
 
 
 def train(net, x, y, epochs: int, params=None, lr: float = 0.05, seed: int = 0):
@@ -388,7 +389,6 @@ def test_register_and_load_through_a_tracking_server(project, mlflow_server, tmp
     assert round(result["clean_acc_now"] * n) == round(result["clean_acc_tagged"] * n)
 
 
-@pytest.mark.slow
 def test_smoke_pipeline_champion_through_a_tracking_server(smoke_project, mlflow_server):
     """The smoke pipeline's own outputs (real evaluate numbers, AutoAttack included) registered on a
     server and the champion loaded from a separate process."""

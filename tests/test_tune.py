@@ -181,7 +181,6 @@ def test_transfer_depends_on_its_own_entry_of_tuned_yaml():
 
 
 # ----------------------------------------------------------------------------- the smoke pipeline's run
-@pytest.mark.slow
 def test_smoke_tune_stage_outputs_and_nested_mlflow_runs(smoke_project):
     import mlflow
     import pyarrow.parquet as pq
