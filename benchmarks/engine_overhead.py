@@ -231,7 +231,7 @@ def run(quick: bool = True, device: str = "cpu", threads: int = 2, workdir: Path
     private_ray()
     # Quick sizes keep the default epoch's proportions where it matters: FGSM-RS runs its guard once
     # per 20 steps, so 2,560 images (20 steps) guard once an epoch as 12,000 (94 steps) do 4.7 times.
-    sizes = {"pgd_at": 1024, "fgsm_rs": 2560} if quick else {"pgd_at": 6000, "fgsm_rs": DEFAULT_TRAIN_IMAGES}
+    sizes = {"pgd_at": 640, "fgsm_rs": 2560} if quick else {"pgd_at": 6000, "fgsm_rs": DEFAULT_TRAIN_IMAGES}
     if device != "cpu":
         sizes = {k: v * 4 for k, v in sizes.items()}
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
