@@ -23,3 +23,37 @@ def test_every_pipeline_has_params_for_every_section_the_stages_read():
     for p in sync.pipelines():
         missing = root - set(yaml.safe_load((p / "params.yaml").read_text()))
         assert not missing, f"{p.name}/params.yaml lacks sections {sorted(missing)}"
+
+
+def _lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("pipeline", [REPO, *sync.pipelines()], ids=lambda p: p.name if p != REPO else "default")
+def test_every_param_a_stage_names_is_in_the_pipelines_params(pipeline):
+    """DVC stops `dvc repro` at the first stage naming a missing param ("Parameters 'x' are missing
+    from 'params.yaml'"), after the stages before it have run: check every pipeline up front."""
+    import yaml
+
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
+    stages = yaml.safe_load((pipeline / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        names = [p for p in body.get("params", []) if isinstance(p, str)]
+        keys = [None]
+        if "foreach" in stage:
+            keys = list(_lookup(params, stage["foreach"].strip("${}")))
+        for key in keys:
+            for dotted in names:
+                dotted = dotted.replace("${key}", str(key))
+                try:
+                    _lookup(params, dotted)
+                except KeyError:
+                    missing.append(f"{name}: {dotted}")
+    assert not missing, f"{pipeline.name}/params.yaml lacks {missing}"
