@@ -34,7 +34,7 @@ test: install
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -m "not slow"
 
 # Everything, also the tests marked slow (the CIFAR pipeline on the CPU, a two-node Ray cluster,
-# a pretrain stage killed and resumed): about 25 more minutes.
+# a pretrain stage killed and resumed): tens of minutes more.
 test-all: install
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q
 
