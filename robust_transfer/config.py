@@ -157,7 +157,7 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "pgd_at": {},
     "trades": {"beta": 6.0},
     "fgsm_rs": {"alpha_ratio": 1.25, "guard_every": 20, "guard_drop": 0.2},
-    "cartl": {"lam": 0.005, "k": 1},
+    "cartl": {"lam": 0.005, "k": 1, "attack": "pgd"},
     "linear": {"source": "robust", "on_features": True},
     "last_k": {"source": "robust", "k": 1},
     "finetune": {"source": "robust", "freeze_bn": False},
@@ -170,6 +170,13 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
 OBJECTIVE_OPTIONS["cartl_transfer"] = {"source": "cartl", "k": 1, "beta": 0.4, "power_iters": 1, "freeze_bn": True}
 
 
+# Options that take one of a few words: (method, option) -> the words.
+OPTION_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cartl", "attack"): ("pgd", "fgsm_rs"),
+    ("target_at", "init"): ("scratch", "source"),
+}
+
+
 def method_options(method: str, overrides: dict[str, Any], key: str) -> dict[str, Any]:
     """The method's options with `overrides` applied, each checked for name and type."""
     defaults = OBJECTIVE_OPTIONS[method]
@@ -178,6 +185,8 @@ def method_options(method: str, overrides: dict[str, Any], key: str) -> dict[str
         if name not in defaults:
             raise ConfigError(_unknown(f"{key}.{name}", name, defaults))
         out[name] = _coerce(f"{key}.{name}", value, type(defaults[name]))
+        if (method, name) in OPTION_CHOICES:
+            _choice(f"{key}.{name}", out[name], OPTION_CHOICES[(method, name)])
     return out
 
 

@@ -242,6 +242,7 @@ def train_loop_per_worker(job: dict) -> None:
     from .methods import build_plan
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # progress comes from our own bar
+    _quiet_report_log()
     torch.set_num_threads(int(job["cpus_per_worker"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -362,6 +363,17 @@ def train_loop_per_worker(job: dict) -> None:
             break
     if bar is not None:
         bar.close()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every `report` at INFO with its whole metrics dict (a log line per epoch per
+    worker, longer than the progress bar) under a logger named after its file, outside "ray.train"."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # Ray Train V1, or a Ray that moved it: only noisier
+        pass
 
 
 def _progress(rank: int, total: int, start: int, name: str):

@@ -90,7 +90,7 @@ def pretrain(job: dict) -> Plan:
     ctx = Context(threat, job["options"])
     objective = job["options"].get("objective", job["method"])
     return Plan(net, OBJECTIVES[objective], ctx, data, val, _trainable(net), cfg, spec,
-                guard=objective == "fgsm_rs")
+                guard=objective == "fgsm_rs" or job["options"].get("attack") == "fgsm_rs")  # fast AT's guard
 
 
 # ----------------------------------------------------------------------------- transfer methods

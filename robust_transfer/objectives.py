@@ -93,15 +93,20 @@ def fgsm_rs(net, batch, ctx: Context) -> Step:
 def cartl_fdm(net, batch, ctx: Context) -> Step:
     """CARTL pre-training: CE(g(f(x')), y) + lam * sum_batch ||h(x') - h(x)||_2 / sqrt(d), with h the
     input of the last k blocks (the part transfer will freeze). Summed, not averaged, over the batch,
-    as in the authors' code: it fixes what a given lam means."""
-    x, y, k = batch["x"], batch["y"], ctx.options.get("k", 1)
-    x_adv = _pgd_train(net, x, y, ctx.threat)
+    as in the authors' code: it fixes what a given lam means. x' is PGD-K as in the paper, or with
+    option attack=fgsm_rs fast AT's single step (the CPU default pipeline's choice, as for its robust source)."""
+    x, y, k, t = batch["x"], batch["y"], ctx.options.get("k", 1), ctx.threat
+    if ctx.options.get("attack", "pgd") == "fgsm_rs":  # x' from fast AT's step: 2 passes instead of K + 1
+        x_adv = attacks.fgsm(net, x, y, t.eps, t.norm, rand_init=True, step_size=1.25 * t.eps)
+        attack_passes = 1
+    else:
+        x_adv = _pgd_train(net, x, y, t)
+        attack_passes = t.train_steps
     h_adv, h_clean = net.trunk(x_adv, k), net.trunk(x, k)
     logits = net.head(net.tail(h_adv, k))
     d = h_adv[0].numel()
     fdm = (h_adv - h_clean).flatten(1).norm(dim=1).sum() / math.sqrt(d)
-    return Step(F.cross_entropy(logits, y) + ctx.options.get("lam", 0.005) * fdm, logits,
-                ctx.threat.train_steps + 2)
+    return Step(F.cross_entropy(logits, y) + ctx.options.get("lam", 0.005) * fdm, logits, attack_passes + 2)
 
 
 def lwf(net, batch, ctx: Context) -> Step:
