@@ -95,6 +95,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 2
     max_failures: int = 2  # Ray Train restarts a dead worker group this often, from the last checkpoint
+    checkpoint_every_s: float = 30.0  # a checkpoint at most this often, and after the last epoch (0: every epoch)
     # Where Ray Train keeps checkpoints: a folder every node mounts or a cloud URI (s3://, gs://), needed
     # once workers run on other machines; null: .checkpoints/ in the project (one machine).
     storage_path: Optional[str] = None
@@ -102,6 +103,8 @@ class RayConfig:
     def validate(self, key: str) -> None:
         _positive(f"{key}.num_workers", self.num_workers)
         _positive(f"{key}.cpus_per_worker", self.cpus_per_worker)
+        if self.checkpoint_every_s < 0:
+            raise ConfigError(f"{key}.checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
         if self.max_failures < -1:
             raise ConfigError(f"{key}.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.storage_path is not None and "://" not in self.storage_path \
@@ -479,6 +482,9 @@ class TuneConfig:
     driver_cpus: float = 0.0  # CPUs held by each trial's driver (it only launches and waits for its workers)
     clean_floor: float = 0.0  # validation clean accuracy a trial must reach to be scored by its PGD accuracy
     max_clean_drop: Optional[float] = 0.02  # and at most this below the reference's (null: no such limit)
+    # A trial replaces the params' value only when its validation PGD accuracy is higher by at least
+    # this; null: what a one-sided 95% test asks of two accuracies on the validation images (tuning.py).
+    min_gain: Optional[float] = None
     grace_frac: float = 0.5  # ASHA's first rung, as a fraction of the epochs (never inside LwF's head-only phase)
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor of the trials at each rung
     seed: int = 0
@@ -492,6 +498,8 @@ class TuneConfig:
             raise ConfigError(f"{key}.clean_floor must be in [0, 1], got {self.clean_floor}")
         if self.max_clean_drop is not None and not 0 <= self.max_clean_drop <= 1:
             raise ConfigError(f"{key}.max_clean_drop must be in [0, 1] or null, got {self.max_clean_drop}")
+        if self.min_gain is not None and not 0 <= self.min_gain <= 1:
+            raise ConfigError(f"{key}.min_gain must be in [0, 1] or null, got {self.min_gain}")
         if not 0 < self.grace_frac <= 1:
             raise ConfigError(f"{key}.grace_frac must be in (0, 1], got {self.grace_frac}")
         if self.reduction_factor < 2:

@@ -151,10 +151,14 @@ class TrainResult:
     resumed_from: list = field(default_factory=list)  # epochs of the checkpoints a (re)started run resumed from
 
 
-def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
-    """Run `job` as a Ray Train TorchTrainer and return the trained weights and metrics."""
+def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str,
+        while_waiting: Optional[Callable[[], None]] = None) -> TrainResult:
+    """Run `job` as a Ray Train TorchTrainer and return the trained weights and metrics.
+    `while_waiting` is called just before the driver blocks on the job (to start background work)."""
     connect(ray_cfg)
     trainer = make_trainer(job, ray_cfg, storage, name)
+    if while_waiting is not None:
+        while_waiting()
     try:
         result = trainer.fit()
     except Exception as exc:  # a worker's ConfigError (bad checkpoint, bad table) stays one line
@@ -182,19 +186,23 @@ def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str) -> TrainResult:
                        state["passes"], state.get("stopped_early"), resumed)
 
 
+# What may change between a run and its resumption without making it another job.
+NOT_HASHED = ("fault_marker", "checkpoint_every_s")
+
+
 def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()):
     """The TorchTrainer that runs `job` (not started): what `fit` runs, and what every Ray Tune trial
     of the tune stage runs (with Tune's report callback), so a tuned weight means the same in both."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker)
+    job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker, checkpoint_every_s=ray_cfg.checkpoint_every_s)
     job = _with_test_faults(job, name)
     return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"{name}-{job_hash({k: v for k, v in job.items() if k != 'fault_marker'})}", storage_path=storage_path(ray_cfg, storage),
+        run_config=RunConfig(name=f"{name}-{job_hash({k: v for k, v in job.items() if k not in NOT_HASHED})}", storage_path=storage_path(ray_cfg, storage),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
     )
@@ -267,7 +275,12 @@ def train_loop_per_worker(job: dict) -> None:
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
     sched = _schedule(opt, cfg, steps_per_epoch)
     swa_net = None
-    state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None, resumed_from=[])
+    state = dict(epoch=-1, history=[], seconds=0.0, passes=0.0, best_guard=None, stopped_early=None, resumed_from=[],
+                 checkpoint_epoch=None)
+    # Checkpoints at most every `checkpoint_every_s` seconds and after the last epoch: with small jobs an
+    # epoch-by-epoch checkpoint (save, persist, the controller's bookkeeping) cost more than the epoch.
+    every_s = float(job.get("checkpoint_every_s", 0.0))
+    last_checkpoint = time.monotonic()
 
     if rank == 0:
         _write_failure(None)  # a new attempt: an earlier attempt's failure no longer stands
@@ -280,6 +293,7 @@ def train_loop_per_worker(job: dict) -> None:
         sched.load_state_dict(saved["sched"])
         for key in ("epoch", "history", "seconds", "passes", "stopped_early"):
             state[key] = saved[key]
+        state["checkpoint_epoch"] = saved["epoch"]
         state["resumed_from"] = saved.get("resumed_from", []) + [saved["epoch"]]
         if saved.get("swa"):
             swa_net = _swa_init(plan.net)
@@ -323,7 +337,7 @@ def train_loop_per_worker(job: dict) -> None:
             if not _all_finite(loss, world):  # every rank stops at the same step (no rank left in an all-reduce)
                 value = loss.item() if not torch.isfinite(loss) else "non-finite on another worker"
                 state["stopped_early"] = (f"loss became {value} at epoch {epoch} step {step_i}; "
-                                          f"kept the last good checkpoint (epoch {state['epoch']})")
+                                          f"kept the last good checkpoint (epoch {state['checkpoint_epoch']})")
                 if rank == 0:
                     _write_failure(state["stopped_early"])
                 _report_failure(state, plan)
@@ -357,8 +371,11 @@ def train_loop_per_worker(job: dict) -> None:
             bar.set_description(f"{job.get('name', 'train')} " + " ".join(
                 f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "passes", "epoch_seconds")))
             bar.update(1)
-        final = epoch == cfg.epochs - 1 or state["stopped_early"]
-        _report(module, opt, sched, swa_net, plan, state, rank, final=bool(final), data=data)
+        final = bool(epoch == cfg.epochs - 1 or state["stopped_early"])
+        due = final or every_s <= 0 or time.monotonic() - last_checkpoint >= every_s
+        _report(module, opt, sched, swa_net, plan, state, rank, final=final, data=data, checkpoint=due)
+        if due:
+            last_checkpoint = time.monotonic()
         if state["stopped_early"]:
             break
     if bar is not None:
@@ -426,6 +443,9 @@ def _clean_acc(net, x, y, bs=500) -> float:
     return sum((net(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum().item() for i in range(0, len(y), bs)) / max(len(y), 1)
 
 
+VAL_PGD_IMAGES = 200  # the per-epoch PGD check attacks at most this many validation images
+
+
 def _validate(plan: Plan, x, y) -> dict:
     from . import attacks
 
@@ -433,7 +453,7 @@ def _validate(plan: Plan, x, y) -> dict:
     was = net.training
     net.eval()
     out = {"val_clean_acc": _clean_acc(net, x, y)}
-    xs, ys = x[:200], y[:200]  # a quick PGD check on a fixed slice: the trend, not the final number
+    xs, ys = x[:VAL_PGD_IMAGES], y[:VAL_PGD_IMAGES]  # a quick PGD check on a fixed slice: the trend, not the final number
     x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
     with torch.no_grad():  # robust = right on the clean image and on its attack (a weak attack can
         # land a misclassified image on the right side, which must not count)
@@ -465,16 +485,19 @@ def _guard_tripped(plan: Plan, state: dict, x, y, module) -> bool:
     return False
 
 
-def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, final: bool, data=None) -> None:
+def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, final: bool, data=None,
+            checkpoint: bool = True) -> None:
+    """This epoch's metrics to Ray Train, with a checkpoint (rank 0) when `checkpoint`."""
     import ray.train
     from ray.train import Checkpoint
 
     metrics = dict(state["history"][-1]) if state["history"] else {}
     metrics["done"] = final
     metrics.update(_where())
-    if rank != 0:
+    if rank != 0 or not checkpoint:
         ray.train.report(metrics)
         return
+    state["checkpoint_epoch"] = state["epoch"]
     final_state = None
     if final and swa_net is not None:
         from torch.optim.swa_utils import update_bn

@@ -40,10 +40,8 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def setup(cfg: MlflowConfig) -> str:
-    """Point MLflow at the store and the experiment; fail within seconds if a server is unreachable."""
-    import mlflow
-
+def check_store(cfg: MlflowConfig) -> str:
+    """The store's URI, exported for Ray workers and child processes; a server must answer within seconds."""
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         try:
@@ -53,6 +51,14 @@ def setup(cfg: MlflowConfig) -> str:
             raise ConfigError(f"MLFLOW_TRACKING_URI={uri} is not reachable ({type(exc).__name__}); "
                               f"start the server or unset MLFLOW_TRACKING_URI for the local SQLite store") from None
     os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and child processes inherit the same store
+    return uri
+
+
+def setup(cfg: MlflowConfig) -> str:
+    """Point MLflow at the store and the experiment; fail within seconds if a server is unreachable."""
+    import mlflow
+
+    uri = check_store(cfg)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = None
@@ -97,14 +103,94 @@ def stage_run(cfg: MlflowConfig, stage: str, params: dict, data_hash: str = "",
     import mlflow
 
     setup(cfg)
+    with mlflow.start_run(run_name=stage, tags=_standard_tags(stage, data_hash, tags)) as run:
+        _log_params(params)
+        yield run
+
+
+class DeferredRun:
+    """A stage's MLflow run, opened once the stage's Ray Train job is done (`open()`), while MLflow's
+    import and store set-up (~3 s: SQLAlchemy, schema checks) run in a thread started by `warm()`
+    when the driver begins to wait for its workers: it then holds the GIL no more, so the set-up costs
+    the stage nothing (started earlier, it only slowed the driver's own imports). The run still starts
+    when the stage did, and a job that fails is recorded as a FAILED run."""
+
+    def __init__(self, cfg: MlflowConfig, stage: str, params: dict, data_hash: str, tags: Optional[dict]):
+        import time
+
+        check_store(cfg)  # an unreachable server stops the stage now, not after its training
+        self._args = (cfg, stage, params, data_hash, tags)
+        self._start_ms = int(time.time() * 1000)
+        self._error: Optional[BaseException] = None
+        self._run = None
+        self._thread = None
+
+    def warm(self) -> None:
+        """Set MLflow up in a thread (call it just before blocking on the job)."""
+        import threading
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._setup, daemon=True, name="mlflow-setup")
+            self._thread.start()
+
+    def _setup(self) -> None:
+        try:
+            setup(self._args[0])
+        except BaseException as exc:  # re-raised in the stage's own thread by open()
+            self._error = exc
+
+    def open(self):
+        """Create the run (start time: the stage's start), log its params, make it the active run."""
+        import mlflow
+
+        self.warm()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        cfg, stage, params, data_hash, tags = self._args
+        client = mlflow.MlflowClient()
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        created = client.create_run(experiment.experiment_id, start_time=self._start_ms, run_name=stage,
+                                    tags=_standard_tags(stage, data_hash, tags))
+        self._run = mlflow.start_run(run_id=created.info.run_id)
+        _log_params(params)
+        return self._run
+
+    def close(self, failed: bool) -> None:
+        import mlflow
+
+        if self._run is None and failed:
+            with contextlib.suppress(Exception):  # the job's own error is the one to report
+                self.open()
+        if self._run is not None:
+            mlflow.end_run("FAILED" if failed else "FINISHED")
+
+
+@contextlib.contextmanager
+def deferred_stage_run(cfg: MlflowConfig, stage: str, params: dict, data_hash: str = "",
+                       tags: Optional[dict] = None) -> Iterator[DeferredRun]:
+    """`stage_run` for a stage that runs a Ray Train job first: call `.open()` after the job."""
+    run = DeferredRun(cfg, stage, params, data_hash, tags)
+    try:
+        yield run
+    except BaseException:
+        run.close(failed=True)
+        raise
+    run.close(failed=False)
+
+
+def _standard_tags(stage: str, data_hash: str, tags: Optional[dict]) -> dict:
     all_tags = {"pipeline": pipeline_name(), "stage": stage, "data_hash": data_hash, "git_commit": git_commit()}
     all_tags.update(tags or {})
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
-        flat = _flatten(params)
-        items = list(flat.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
-            mlflow.log_params(dict(items[i:i + 100]))
-        yield run
+    return all_tags
+
+
+def _log_params(params: dict) -> None:
+    import mlflow
+
+    items = list(_flatten(params).items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+        mlflow.log_params(dict(items[i:i + 100]))
 
 
 def log_history(history: list[dict], prefix: str = "") -> None:

@@ -22,7 +22,11 @@ Choice (`choose`): among trials that ran every epoch, the highest validation PGD
 accuracy is at least `clean_floor` and at most `max_clean_drop` below the reference: the trial of the
 params' own value (always the first trial), or, when ASHA stopped that one, the most accurate trial.
 Ties go to the higher clean accuracy, then to the value nearest the params' own. When no trial
-qualifies, the params' own value stays.
+qualifies, the params' own value stays. It also stays unless the best trial beats it by `min_gain`:
+on a validation split of a few dozen images most differences are noise (25 images: one image is 4
+points), and a weight chosen on noise does no better on the test set than the one the user wrote.
+By default `min_gain` is what a one-sided 95% test asks of the difference of two accuracies p on n
+images: 1.645 * sqrt(2 p (1 - p) / n) (25 images, p = 0.5: 0.23; 500 images: 0.05).
 """
 from __future__ import annotations
 
@@ -260,8 +264,19 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
 
 
 # ----------------------------------------------------------------------------- the choice
-def choose(rows: list[dict], cfg: TuneConfig) -> tuple[Optional[dict], str]:
-    """The chosen trial among one model's rows, and why (see the module docstring)."""
+def required_gain(cfg: TuneConfig, base_pgd: float, n_val: Optional[int]) -> float:
+    """How much a trial must beat the params' value by in validation PGD accuracy (module docstring)."""
+    if cfg.min_gain is not None:
+        return cfg.min_gain
+    if not n_val:
+        return 0.0
+    p = min(max(base_pgd, 0.1), 0.9)  # a floor on the variance: 0 or 1 of a few images is no certainty
+    return 1.645 * math.sqrt(2 * p * (1 - p) / n_val)
+
+
+def choose(rows: list[dict], cfg: TuneConfig, n_val: Optional[int] = None) -> tuple[Optional[dict], str]:
+    """The chosen trial among one model's rows (n_val: images in the validation split), and why
+    (see the module docstring)."""
     done = [r for r in rows if r["status"] == "completed"]
     base = next((r for r in rows if r["baseline"]), None)
     if not done:
@@ -279,12 +294,24 @@ def choose(rows: list[dict], cfg: TuneConfig) -> tuple[Optional[dict], str]:
         return sum(abs(math.log(r["options"][k] / b[k])) if b[k] > 0 else 0.0 for k in r["options"])
 
     best = max(ok, key=lambda r: (r["val_pgd_acc"], r["val_clean_acc"], -distance(r)))
+    if ref_row is base and best is not base:
+        need = required_gain(cfg, base["val_pgd_acc"], n_val)
+        gain = best["val_pgd_acc"] - base["val_pgd_acc"]
+        if gain < need - 1e-9:
+            return base, (f"kept the params' value: the best trial's validation PGD accuracy "
+                          f"({best['val_pgd_acc']:.3f}, {_options_text(best)}) beats it ({base['val_pgd_acc']:.3f}) "
+                          f"by {gain:.3f}, under min_gain {need:.3f}"
+                          + (f" (one-sided 95% on {n_val} validation images)" if cfg.min_gain is None else ""))
     ref = "the params' value" if ref_row is base else "the most accurate trial"
     return best, (f"highest validation PGD accuracy among {len(ok)} of {len(done)} completed trials with clean "
                   f"accuracy >= {floor:.3f} (floor {cfg.clean_floor:g}, at most {cfg.max_clean_drop} below {ref})"
                   if cfg.max_clean_drop is not None else
                   f"highest validation PGD accuracy among {len(ok)} of {len(done)} completed trials with clean "
                   f"accuracy >= {floor:.3f}")
+
+
+def _options_text(row: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in row["options"].items())
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

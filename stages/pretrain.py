@@ -39,9 +39,10 @@ def main(args, params) -> None:
     }
     run_params = {"objective": objective, "train": dataclasses.asdict(cfg), "options": options,
                   "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
-    with tracking.stage_run(ml_cfg, f"pretrain-{args.source}", run_params, card["data_hash"],
-                            tags={"source": args.source, "objective": objective}) as mlrun:
-        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"])
+    with tracking.deferred_stage_run(ml_cfg, f"pretrain-{args.source}", run_params, card["data_hash"],
+                                     tags={"source": args.source, "objective": objective}) as deferred:
+        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"], while_waiting=deferred.warm)
+        mlrun = deferred.open()
         net = from_spec(result.spec)
         net.load_state_dict(result.state)
         net.to(device)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import mlflow
-
 from robust_transfer import engine, evaluation, tracking, tuning
 from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayConfig, ThreatConfig, load_section,
                                     transfer_entries)
@@ -35,8 +33,9 @@ def main(args, params) -> None:
                   "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
     tags = {"model": args.model, "method": method, "source": root_source,
             "source_run_id": source_extra.get("run_id", "")}
-    with tracking.stage_run(ml_cfg, f"transfer-{args.model}", run_params, card["data_hash"], tags) as mlrun:
-        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"])
+    with tracking.deferred_stage_run(ml_cfg, f"transfer-{args.model}", run_params, card["data_hash"], tags) as deferred:
+        result = engine.fit(job, ray_cfg, Path(".checkpoints").resolve(), job["name"], while_waiting=deferred.warm)
+        mlrun = deferred.open()
         net = from_spec(result.spec)
         net.load_state_dict(result.state)
         net.to(device)
@@ -51,6 +50,8 @@ def main(args, params) -> None:
         }
         print(f"transfer {args.model} ({method} from {options['source']}): clean {metrics['clean_acc']:.3f}, "
               f"PGD-{threat.eval_steps} {metrics['pgd_acc']:.3f} in {result.seconds:.1f}s, {result.passes:.0f} passes")
+        import mlflow
+
         tracking.log_history(result.history)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         out = Path("models") / f"{args.model}.pt"

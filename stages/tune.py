@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 
 from robust_transfer import engine, tracking, tuning
 from robust_transfer.config import MlflowConfig, RayConfig, load_section, transfer_entries, tune_entries
@@ -33,6 +34,7 @@ def main(args, params) -> None:
     jobs = {m: transfer_job(m, params, train_table="target_fit") for m in space}  # every input checked first
     data_hash = next(iter(jobs.values()))[1]["card"]["data_hash"] if jobs else ""
     run_params = {"tune": dataclasses.asdict(cfg), "ray": dataclasses.asdict(ray_cfg)}
+    n_val = min(pq.ParquetFile("data/target_val.parquet").metadata.num_rows, engine.VAL_PGD_IMAGES)
     start = time.perf_counter()
     rows, choices, summary = [], {}, {}
     with tracking.stage_run(ml_cfg, "tune", run_params, data_hash, {"models": ",".join(space)}) as parent:
@@ -48,7 +50,7 @@ def main(args, params) -> None:
                                               parent.info.run_id, trial_tags)
             model_rows = tuning.search(model, job, space[model], cfg, ray_cfg, storage, [callback])
             _attach_run_ids(model_rows, parent.info.run_id)
-            pick, why = tuning.choose(model_rows, cfg)
+            pick, why = tuning.choose(model_rows, cfg, n_val)
             base = next((r for r in model_rows if r["baseline"]), None)
             choices[model] = dict(pick["options"]) if pick else {}
             summary[model] = _summary(model_rows, pick, base, why, time.perf_counter() - t0)

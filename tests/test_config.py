@@ -28,6 +28,11 @@ BAD_PARAMS = [
     ("transfer source missing", {"transfer": {"models": {"x": {"method": "lwf", "source": "nope"}}}},
      "transfer.models.x.source", "'nope'"),
     ("bool for int", {"ray": {"num_workers": True}}, "ray.num_workers", "integer"),
+    ("unknown CARTL attack", {"pretrain": {"sources": {"natural": {"objective": "cartl", "attack": "fgsm"}}}},
+     "pretrain.sources.natural.attack", "did you mean 'fgsm_rs'"),
+    ("unknown target_at init", {"transfer": {"models": {"x": {"method": "target_at", "source": "natural",
+                                                              "init": "scrach"}}}},
+     "transfer.models.x.init", "did you mean 'scratch'"),
 ]
 
 

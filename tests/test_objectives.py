@@ -111,6 +111,19 @@ def test_cartl_feature_distance_term(batch):
     assert 0.25 * fdm < (a - b) < 0.75 * fdm
 
 
+def test_cartl_with_fast_at_examples_costs_three_passes_and_keeps_its_feature_term(batch):
+    """attack=fgsm_rs: x' from one FGSM-RS step (2 passes for CE, 1 for h(x)) instead of PGD-K."""
+    net = trained_digits_net()
+    torch.manual_seed(3)
+    fast = OBJECTIVES["cartl"](net, batch, Context(THREAT, {"lam": 1.0, "k": 1, "attack": "fgsm_rs"}))
+    torch.manual_seed(3)
+    plain = OBJECTIVES["cartl"](net, batch, Context(THREAT, {"lam": 0.0, "k": 1, "attack": "fgsm_rs"}))
+    assert fast.passes == 3 and OBJECTIVES["cartl"](net, batch, Context(THREAT, {"k": 1})).passes == THREAT.train_steps + 2
+    assert fast.loss > plain.loss  # the feature-distance term is there
+    with torch.no_grad():  # and x' is an attack: lower accuracy than on the clean images
+        assert (fast.logits.argmax(1) == batch["y"]).float().mean() < (net(batch["x"]).argmax(1) == batch["y"]).float().mean()
+
+
 def _lwf_penalty(net, batch, z0, lam=1.0):
     ctx = Context(THREAT, {"lam": lam})
     step = OBJECTIVES["lwf"](net, dict(batch, z0=z0), ctx)

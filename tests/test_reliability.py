@@ -436,7 +436,7 @@ def test_failed_worker_is_restarted_within_the_run_from_its_checkpoint(ray_runti
     monkeypatch.setenv("RT_FAIL_ONCE_AT_STEP", str(step))
     monkeypatch.setenv("RT_FAIL_MODE", mode)
     job = _job(f"fail-{mode}", epochs=4, batch_size=32)
-    result = engine.fit(job, RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1), tmp_path, job["name"])
+    result = engine.fit(job, RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1, checkpoint_every_s=0), tmp_path, job["name"])
     assert result.resumed_from == [1] if mode == "raise" else result.resumed_from in ([1], [0])
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
     assert f"resumed from the checkpoint of epoch {result.resumed_from[0]}" in capsys.readouterr().out
@@ -462,7 +462,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(r
     step = _steps_per_epoch() + 3  # epoch 1, step 3
     monkeypatch.setenv("RT_NAN_AT_STEP", str(step))
     with pytest.raises(ConfigError) as err:
-        engine.fit(_job("nan"), RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1), tmp_path, "nan")
+        engine.fit(_job("nan"), RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1, checkpoint_every_s=0), tmp_path, "nan")
     message = str(err.value)
     assert "loss became nan at epoch 1 step 3" in message and "last good checkpoint (epoch 0)" in message
     assert "\n" not in message
@@ -487,6 +487,7 @@ def test_killed_stage_resumes_from_its_latest_checkpoint(tmp_path):
     most the epoch in progress, and ends where an uninterrupted run with the same seed ends."""
     params = smoke_params()
     params["pretrain"]["sources"]["robust"]["epochs"] = 4
+    params["ray"]["checkpoint_every_s"] = 0  # a checkpoint every epoch
     killed, reference = copy_prepared(tmp_path / "killed"), copy_prepared(tmp_path / "reference")
     for root in (killed, reference):
         write_params(root, params)

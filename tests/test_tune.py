@@ -101,6 +101,20 @@ def test_the_clean_drop_is_measured_from_the_most_accurate_trial_when_asha_stopp
     assert tuning.choose(rows, cfg)[0]["options"] == {"lam": 0.05}
 
 
+def test_a_trial_replaces_the_params_value_only_by_more_than_the_validation_noise():
+    rows = [_row(0.005, 0.80, 0.36, baseline=True), _row(0.0013, 0.80, 0.52), _row(0.05, 0.79, 0.30)]
+    cfg = TuneConfig(clean_floor=0.5, max_clean_drop=0.02)
+    # 25 validation images: a 16-point gain is under a one-sided 95% test (1.645 * sqrt(2 * .36 * .64 / 25) = 0.22)
+    assert tuning.required_gain(cfg, 0.36, 25) == pytest.approx(1.645 * (2 * 0.36 * 0.64 / 25) ** 0.5)
+    pick, why = tuning.choose(rows, cfg, n_val=25)
+    assert pick["options"] == {"lam": 0.005} and "under min_gain 0.223" in why, why
+    # 500 images: the same gain is far over the noise (0.05)
+    assert tuning.choose(rows, cfg, n_val=500)[0]["options"] == {"lam": 0.0013}
+    # an explicit min_gain replaces the test; 0 takes any gain
+    assert tuning.choose(rows, TuneConfig(clean_floor=0.5, min_gain=0.0), n_val=25)[0]["options"] == {"lam": 0.0013}
+    assert tuning.choose(rows, TuneConfig(clean_floor=0.5, min_gain=0.2), n_val=25)[0]["options"] == {"lam": 0.005}
+
+
 def test_pareto_front():
     pts = [(0.9, 0.1), (0.8, 0.5), (0.7, 0.4), (0.5, 0.6), (0.5, 0.5), (0.9, 0.1)]
     assert tuning.pareto_front(pts) == [True, True, False, True, False, True]
@@ -154,6 +168,7 @@ def test_a_tuned_value_is_checked_like_a_param(tmp_path):
     ({"max_concurent_trials": 2}, r"unknown parameter tune.max_concurent_trials \(did you mean 'max_concurrent_trials'\?\)"),
     ({"clean_floor": 1.5}, r"tune.clean_floor must be in \[0, 1\]"),
     ({"reduction_factor": 1}, r"tune.reduction_factor must be >= 2"),
+    ({"min_gain": 2}, r"tune.min_gain must be in \[0, 1\] or null"),
 ])
 def test_bad_tune_params_fail_with_one_line_naming_the_key(tune, message):
     params = load_params(SMOKE_PARAMS)
