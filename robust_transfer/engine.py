@@ -373,7 +373,11 @@ def train_loop_per_worker(job: dict) -> None:
             bar.update(1)
         final = bool(epoch == cfg.epochs - 1 or state["stopped_early"])
         due = final or every_s <= 0 or time.monotonic() - last_checkpoint >= every_s
-        _report(module, opt, sched, swa_net, plan, state, rank, final=final, data=data, checkpoint=due)
+        # Metrics go to Ray Train with the checkpoints (the history travels in each one), and every
+        # epoch only where something reads them as they come (Tune's scheduler): each report waits
+        # for the controller's next poll when the one before is still unread.
+        if due or job.get("report_every_epoch"):
+            _report(module, opt, sched, swa_net, plan, state, rank, final=final, data=data, checkpoint=due)
         if due:
             last_checkpoint = time.monotonic()
         if state["stopped_early"]:

@@ -153,6 +153,7 @@ def trial_class():
         def setup(self, config, job, ray_cfg, storage, clean_floor):
             job = copy.deepcopy(job)
             job["options"].update(config["options"])
+            job["report_every_epoch"] = True  # ASHA compares trials at epoch milestones
             self.epochs = job["train"]["epochs"]
             self.queue = Queue(actor_options={"num_cpus": 0})
             trainer = engine.make_trainer(job, ray_cfg, storage, job["name"],

@@ -38,7 +38,6 @@ def transfer_metrics(name: str) -> dict:
 
 
 def main(args, params) -> None:
-    import mlflow
     import torch
 
     models = transfer_entries(params)
@@ -76,10 +75,13 @@ def main(args, params) -> None:
                   "autoattack_selected": selected, "source_model": source_name}
     tags = {"model": args.model, "method": method, "source": source_name,
             "model_run_id": extra.get("run_id", ""), "autoattack": str(run_autoattack).lower()}
-    with tracking.stage_run(ml_cfg, f"evaluate-{args.model}", run_params, card["data_hash"], tags) as mlrun:
+    with tracking.deferred_stage_run(ml_cfg, f"evaluate-{args.model}", run_params, card["data_hash"], tags) as deferred:
+        deferred.warm()  # MLflow's set-up runs while the attacks do (PyTorch releases the GIL in its kernels)
         clean_acc = evaluation.accuracy(net, x_all, y_all, cfg.batch_size)
         result = evaluation.evaluate_model(net, x, y, threat, cfg, n_classes, source=source, source_logits=logits,
                                            run_autoattack=run_autoattack, desc=f"evaluate-{args.model}")
+        mlrun = deferred.open()
+        import mlflow
         checks_passed = result["checks_passed"]
         metrics = {
             "model": args.model, "method": method, "source": source_name, "shots": own.get("shots", data_cfg.shots),

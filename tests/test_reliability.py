@@ -429,7 +429,7 @@ def test_failed_worker_is_restarted_within_the_run_from_its_checkpoint(ray_runti
     """FailureConfig(max_failures): rank 0 fails once at the last step of epoch 2 (an exception, or
     SIGKILL of the worker process); Ray Train restarts the worker group within the same run and it
     resumes from the latest checkpoint. A checkpoint counts once Ray Train's controller has collected
-    its report (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.05 s here): a worker SIGKILLed
+    its report (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.2 s here): a worker SIGKILLed
     within that window after a report loses that checkpoint too and resumes from the one before."""
     steps = _steps_per_epoch(32)
     step = 3 * steps - 1  # the last step of epoch 2: a whole epoch after epoch 1's checkpoint
