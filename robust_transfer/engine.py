@@ -255,6 +255,9 @@ def train_loop_per_worker(job: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = rtt.get_device()
+    # The same seed on every rank while the plan builds (new heads and nets start identical and the
+    # same on every run: a `dvc repro` reproduces its models), then one per rank for the attacks' noise.
+    torch.manual_seed(int(job["train"].get("seed", 0)))
     plan = build_plan(job, device)
     cfg = plan.train_cfg
     torch.manual_seed(cfg.seed + rank)

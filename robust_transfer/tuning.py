@@ -20,9 +20,10 @@ it, and among those under it the more accurate one ranks higher (it is nearer to
 
 Choice (`choose`): among trials that ran every epoch, the highest validation PGD accuracy whose clean
 accuracy is at least `clean_floor` and at most `max_clean_drop` below the reference: the trial of the
-params' own value (always the first trial), or, when ASHA stopped that one, the most accurate trial.
+params' own value (always the first trial, and never stopped by ASHA), or, when that one failed, the
+most accurate trial.
 Ties go to the higher clean accuracy, then to the value nearest the params' own. When no trial
-qualifies, the params' own value stays. It also stays unless the best trial beats it by `min_gain`:
+qualifies, the params' own value stays. A qualifying params' value also stays unless the best trial beats it by `min_gain`:
 on a validation split of a few dozen images most differences are noise (25 images: one image is 4
 points), and a weight chosen on noise does no better on the test set than the one the user wrote.
 By default `min_gain` is what a one-sided 95% test asks of the difference of two accuracies p on n
@@ -209,7 +210,6 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
            storage: str, callbacks: list = (), progress: bool = True) -> list[dict]:
     """Run every trial of one model; return one row per trial (options, last metrics, status, node)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from . import engine
 
@@ -224,8 +224,8 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     # little logical memory, so that `max_concurrent_trials` alone decides how many run at once.
     trainable = tune.with_resources(trainable, {"cpu": cfg.driver_cpus, "memory": 256 * 2**20})
     grace = grace_epochs(method, options, epochs, cfg.grace_frac)
-    scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=grace,
-                              reduction_factor=cfg.reduction_factor)
+    scheduler = asha_keeping_baseline(points[0], time_attr="epochs_done", max_t=epochs, grace_period=grace,
+                                      reduction_factor=cfg.reduction_factor)
     name = f"search-{model}-{engine.job_hash({'job': job, 'points': points, 'cfg': dataclasses.asdict(cfg)})}"
     tuner = tune.Tuner(
         trainable,
@@ -264,6 +264,23 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     return rows
 
 
+def asha_keeping_baseline(baseline: dict, **asha):
+    """ASHA that never stops the trial of the params' own value: the choice compares every trial with
+    it, so it must have run every epoch (an early-stopped reference was compared at another epoch
+    than the trials it was measured against, on a score that at 25 images is mostly noise)."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class ASHAKeepingBaseline(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if (decision == TrialScheduler.STOP and trial.config.get("options") == baseline
+                    and result.get(asha["time_attr"], 0) < asha["max_t"]):
+                return TrialScheduler.CONTINUE
+            return decision
+
+    return ASHAKeepingBaseline(**asha)
+
+
 # ----------------------------------------------------------------------------- the choice
 def required_gain(cfg: TuneConfig, base_pgd: float, n_val: Optional[int]) -> float:
     """How much a trial must beat the params' value by in validation PGD accuracy (module docstring)."""
@@ -295,7 +312,7 @@ def choose(rows: list[dict], cfg: TuneConfig, n_val: Optional[int] = None) -> tu
         return sum(abs(math.log(r["options"][k] / b[k])) if b[k] > 0 else 0.0 for k in r["options"])
 
     best = max(ok, key=lambda r: (r["val_pgd_acc"], r["val_clean_acc"], -distance(r)))
-    if ref_row is base and best is not base:
+    if ref_row is base and best is not base and base in ok:  # a params' value under the clean floor is no reference
         need = required_gain(cfg, base["val_pgd_acc"], n_val)
         gain = best["val_pgd_acc"] - base["val_pgd_acc"]
         if gain < need - 1e-9:

@@ -101,6 +101,26 @@ def test_the_clean_drop_is_measured_from_the_most_accurate_trial_when_asha_stopp
     assert tuning.choose(rows, cfg)[0]["options"] == {"lam": 0.05}
 
 
+def test_asha_never_stops_the_params_value_but_stops_the_others():
+    from types import SimpleNamespace
+
+    import ray.cloudpickle
+    from ray.tune.schedulers import TrialScheduler
+
+    sched = tuning.asha_keeping_baseline({"lam": 0.005}, time_attr="epochs_done", max_t=8, grace_period=2,
+                                         reduction_factor=2, metric="score", mode="max")
+    sched = ray.cloudpickle.loads(ray.cloudpickle.dumps(sched))  # Tune pickles its config with the scheduler
+    trials = [SimpleNamespace(config={"options": {"lam": lam}}, trial_id=str(i), is_finished=lambda: False)
+              for i, lam in enumerate((0.1, 0.2, 0.005))]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    decisions = {}
+    for t, score in zip(trials, (0.9, 0.8, 0.1)):  # the params' value scores worst at the first rung
+        decisions[t.config["options"]["lam"]] = sched.on_trial_result(None, t, {"epochs_done": 2, "score": score})
+    assert decisions[0.005] == TrialScheduler.CONTINUE
+    assert decisions[0.2] == TrialScheduler.STOP  # ASHA itself still stops the others
+
+
 def test_a_trial_replaces_the_params_value_only_by_more_than_the_validation_noise():
     rows = [_row(0.005, 0.80, 0.36, baseline=True), _row(0.0013, 0.80, 0.52), _row(0.05, 0.79, 0.30)]
     cfg = TuneConfig(clean_floor=0.5, max_clean_drop=0.02)
@@ -113,6 +133,10 @@ def test_a_trial_replaces_the_params_value_only_by_more_than_the_validation_nois
     # an explicit min_gain replaces the test; 0 takes any gain
     assert tuning.choose(rows, TuneConfig(clean_floor=0.5, min_gain=0.0), n_val=25)[0]["options"] == {"lam": 0.0013}
     assert tuning.choose(rows, TuneConfig(clean_floor=0.5, min_gain=0.2), n_val=25)[0]["options"] == {"lam": 0.005}
+    # a params' value under the clean floor protects nothing: the best qualifying trial replaces it
+    rows = [_row(0.4, 0.48, 0.40, baseline=True), _row(0.93, 0.88, 0.60), _row(2.0, 0.40, 0.70)]
+    pick, why = tuning.choose(rows, cfg, n_val=25)
+    assert pick["options"] == {"lam": 0.93}, why
 
 
 def test_pareto_front():
