@@ -142,11 +142,11 @@ def serve(idle_s: float) -> None:
                              "--include-dashboard", "false", "--disable-usage-stats"], env=env)
 
     def stop(*_):
+        with contextlib.suppress(OSError):
+            (d / "head.json").unlink()  # first: no stage may join a head that is draining
         head.terminate()  # --block: the head takes its GCS, raylet and workers down with it
         with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(30)
-        with contextlib.suppress(OSError):
-            (d / "head.json").unlink()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -158,15 +158,37 @@ def serve(idle_s: float) -> None:
     last_used = time.monotonic()
     while head.poll() is None:
         time.sleep(1.0)
-        for lease in d.glob("lease-*"):
-            if _alive(int(lease.name.split("-")[1])):
-                last_used = time.monotonic()
-            else:
-                with contextlib.suppress(OSError):
-                    lease.unlink()
-        if time.monotonic() - last_used > idle_s:
+        if _leased(d):
+            last_used = time.monotonic()
+        if time.monotonic() - last_used > idle_s and _retire(d):
             stop()
     stop()
+
+
+def _leased(d: Path) -> bool:
+    """Whether a live process holds a lease; leases of dead ones are removed."""
+    held = False
+    for lease in d.glob("lease-*"):
+        if _alive(int(lease.name.split("-")[1])):
+            held = True
+        else:
+            with contextlib.suppress(OSError):
+                lease.unlink()
+    return held
+
+
+def _retire(d: Path) -> bool:
+    """Withdraw head.json unless a stage took a lease meanwhile, under the lock `local_address` holds
+    while it reads head.json and takes its lease: a stage either joins a head that stays up, or finds
+    none and starts another. (Without this, a stage starting while an idle head drained for its 30 s
+    joined it and failed: "the node ... doesn't exist any more".)"""
+    with open(d / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _leased(d):
+            return False
+        with contextlib.suppress(OSError):
+            (d / "head.json").unlink()
+        return True
 
 
 def stop_local() -> bool:

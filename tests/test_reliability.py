@@ -423,6 +423,22 @@ def _steps_per_epoch(batch_size: int = 64) -> int:
     return math.ceil(n / batch_size)
 
 
+def test_an_idle_runtime_is_withdrawn_before_it_stops_unless_a_stage_took_a_lease(tmp_path):
+    """The watchdog withdraws head.json (under the lock stages take their lease under) before it stops
+    an idle head: a stage starting meanwhile starts a new head rather than joining a draining one."""
+    from robust_transfer import runtime
+
+    (tmp_path / "head.json").write_text("{}")
+    (tmp_path / f"lease-{os.getpid()}").touch()  # a live stage
+    assert not runtime._retire(tmp_path) and (tmp_path / "head.json").exists()
+    (tmp_path / f"lease-{os.getpid()}").unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"lease-{dead.pid}").touch()  # a stage that has exited: its lease is swept
+    assert runtime._retire(tmp_path)
+    assert not (tmp_path / "head.json").exists() and not list(tmp_path.glob("lease-*"))
+
+
 def test_the_same_job_trains_the_same_model_twice(ray_runtime, tmp_path):
     """Seeded from the network's initialisation on: a `dvc repro` of a changed upstream stage gives
     the same models when nothing they depend on changed (the CPU kernels here are deterministic)."""
