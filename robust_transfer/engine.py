@@ -501,10 +501,11 @@ def _report(module, opt, sched, swa_net, plan: Plan, state: dict, rank: int, fin
     metrics = dict(state["history"][-1]) if state["history"] else {}
     metrics["done"] = final
     metrics.update(_where())
+    if checkpoint:
+        state["checkpoint_epoch"] = state["epoch"]  # on every rank: each may word the NaN stop
     if rank != 0 or not checkpoint:
         ray.train.report(metrics)
         return
-    state["checkpoint_epoch"] = state["epoch"]
     final_state = None
     if final and swa_net is not None:
         from torch.optim.swa_utils import update_bn

@@ -57,3 +57,15 @@ def test_every_param_a_stage_names_is_in_the_pipelines_params(pipeline):
                 except KeyError:
                     missing.append(f"{name}: {dotted}")
     assert not missing, f"{pipeline.name}/params.yaml lacks {missing}"
+
+
+def test_the_sources_do_not_depend_on_the_target_split():
+    """Changing the target shots (the data-efficiency study's levels) must not retrain the sources:
+    pretrain depends on the source tables, code and params only, so DVC's run cache restores them."""
+    import yaml
+
+    pretrain = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["do"]
+    deps = [d for d in pretrain["deps"] if isinstance(d, str)]
+    assert "data/source_train.parquet" in deps and "data/source_test.parquet" in deps
+    assert not [d for d in deps if "target" in d or d.endswith("card.json")], deps
+    assert not [p for p in pretrain["params"] if isinstance(p, str) and p.startswith("data")], pretrain["params"]
