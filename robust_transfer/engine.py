@@ -255,12 +255,9 @@ def train_loop_per_worker(job: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = rtt.get_device()
-    # The same seed on every rank while the plan builds (new heads and nets start identical and the
-    # same on every run: a `dvc repro` reproduces its models), then one per rank for the attacks' noise.
-    torch.manual_seed(int(job["train"].get("seed", 0)))
-    plan = build_plan(job, device)
+    plan = build_plan(job, device)  # seeded by the job: every rank starts from the same weights
     cfg = plan.train_cfg
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # then one seed per rank for the attacks' noise
     module = TrainModule(plan).to(device)
     if plan.ctx.teacher is not None:
         plan.ctx.teacher.to(device).eval()

@@ -25,6 +25,9 @@ def build_plan(job: dict, device=None) -> Plan:
     kind = job["method"] if job["kind"] == "transfer" else "pretrain"
     if kind not in builders:
         raise ConfigError(f"unknown method '{kind}', expected one of {', '.join(builders)}")
+    # New networks and heads start from the job's seed, whatever the process drew before: the same
+    # job builds the same initial weights on every rank, in every process.
+    torch.manual_seed(int(job["train"].get("seed", 0)))
     return builders[kind](job)
 
 

@@ -439,15 +439,19 @@ def test_an_idle_runtime_is_withdrawn_before_it_stops_unless_a_stage_took_a_leas
     assert not (tmp_path / "head.json").exists() and not list(tmp_path.glob("lease-*"))
 
 
-def test_the_same_job_trains_the_same_model_twice(ray_runtime, tmp_path):
-    """Seeded from the network's initialisation on: a `dvc repro` of a changed upstream stage gives
-    the same models when nothing they depend on changed (the CPU kernels here are deterministic)."""
-    job = _job("twice", epochs=1)
-    rc = RayConfig(num_workers=1, cpus_per_worker=1)
-    first = engine.fit(job, rc, tmp_path / "a", job["name"])
-    second = engine.fit(job, rc, tmp_path / "b", job["name"])
-    assert first.state.keys() == second.state.keys()
-    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+def test_a_job_builds_the_same_initial_weights_whatever_the_process_drew_before():
+    """build_plan seeds from the job: every rank of a DDP run, and every rerun, starts from the same
+    network and new head, even where the process has used the random generator before."""
+    from robust_transfer.methods import build_plan
+
+    job = _job("init", epochs=1)
+    torch.rand(3)
+    first = {k: v.clone() for k, v in build_plan(job).net.state_dict().items()}
+    torch.rand(1000)
+    second = build_plan(job).net.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build_plan(dict(job, train=dict(job["train"], seed=1))).net.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
 
 
 @pytest.mark.parametrize("mode", ["raise", "sigkill"])
