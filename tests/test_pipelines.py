@@ -60,8 +60,8 @@ def test_every_param_a_stage_names_is_in_the_pipelines_params(pipeline):
 
 
 def test_the_sources_do_not_depend_on_the_target_split():
-    """Changing the target shots (the data-efficiency study's levels) must not retrain the sources:
-    pretrain depends on the source tables, code and params only, so DVC's run cache restores them."""
+    """Changing the target shots must not retrain the sources: pretrain depends on the source tables,
+    code and params only, so `dvc repro` after a change of data.shots keeps them."""
     import yaml
 
     pretrain = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["do"]
