@@ -43,6 +43,12 @@ def _pgd_train(net, x, y, threat: ThreatConfig):
     return attacks.pgd(net, x, y, threat.eps, threat.step_size, threat.train_steps, threat.norm)
 
 
+def _fgsm_rs_train(net, x, y, ctx: Context):
+    """Fast AT's examples: one signed step of alpha_ratio * eps (1.25) from a uniform random start."""
+    t = ctx.threat
+    return attacks.fgsm(net, x, y, t.eps, t.norm, rand_init=True, step_size=ctx.options.get("alpha_ratio", 1.25) * t.eps)
+
+
 def natural(net, batch, ctx: Context) -> Step:
     """Cross-entropy on clean images: natural training, fine-tuning, probes."""
     logits = net(batch["x"])
@@ -83,9 +89,7 @@ def trades(net, batch, ctx: Context) -> Step:
 def fgsm_rs(net, batch, ctx: Context) -> Step:
     """Wong et al. fast AT: one signed step of alpha = 1.25 eps from a uniform random start.
     The engine's guard stops it when a PGD check collapses (catastrophic overfitting)."""
-    t = ctx.threat
-    x_adv = attacks.fgsm(net, batch["x"], batch["y"], t.eps, t.norm, rand_init=True,
-                         step_size=ctx.options.get("alpha_ratio", 1.25) * t.eps)
+    x_adv = _fgsm_rs_train(net, batch["x"], batch["y"], ctx)
     logits = net(x_adv)
     return Step(F.cross_entropy(logits, batch["y"]), logits, 2)
 
@@ -97,7 +101,7 @@ def cartl_fdm(net, batch, ctx: Context) -> Step:
     option attack=fgsm_rs fast AT's single step (the CPU default pipeline's choice, as for its robust source)."""
     x, y, k, t = batch["x"], batch["y"], ctx.options.get("k", 1), ctx.threat
     if ctx.options.get("attack", "pgd") == "fgsm_rs":  # x' from fast AT's step: 2 passes instead of K + 1
-        x_adv = attacks.fgsm(net, x, y, t.eps, t.norm, rand_init=True, step_size=1.25 * t.eps)
+        x_adv = _fgsm_rs_train(net, x, y, ctx)
         attack_passes = 1
     else:
         x_adv = _pgd_train(net, x, y, t)
