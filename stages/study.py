@@ -186,7 +186,59 @@ def dvc_bin() -> str:
     return str(here) if here.exists() else "dvc"
 
 
-def run_levels(root: Path, pipeline: Path, levels: list[Level], dry_run: bool) -> list[dict]:
+# What the sources' training depends on (pretrain's params, and prepare's for the source tables).
+# A level changes data.shots and data.val_shots only: the source tables stay byte for byte the same.
+SOURCE_KEYS = ("threat", "ray", "pretrain.train")
+LEVEL_DATA_KEYS = ("shots", "val_shots")
+
+
+def _dotted(params: dict, key: str) -> Any:
+    node = params
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
+def shared_sources(params: dict, applied: list[dict]) -> tuple[list[str], str]:
+    """The sources every level trains exactly as the workspace would, so one `dvc repro` of their
+    pretrain stages in the workspace serves every level; and, when there are none, why.
+
+    Each level is a DVC experiment in a fresh temporary copy of the workspace. DVC's run cache does
+    not restore the pretrain stage there (it has `cache: false` outputs), but the copy does carry the
+    workspace's dvc.lock and untracked metrics: a source trained in the workspace first is checked
+    out from the cache in every copy, instead of trained again at every level (~2 min each)."""
+    data = {k: v for k, v in params["data"].items() if k not in LEVEL_DATA_KEYS}
+    for lv in applied:
+        changed = [k for k in SOURCE_KEYS if _dotted(lv, k) != _dotted(params, k)]
+        changed += [f"data.{k}" for k, v in lv["data"].items() if k not in LEVEL_DATA_KEYS and data.get(k) != v]
+        if changed:
+            return [], f"--set changes {', '.join(changed)}, so every level trains its own sources"
+    names = [n for n in (params.get("pretrain") or {}).get("sources") or {}
+             if any(n in ((lv.get("pretrain") or {}).get("sources") or {}) and
+                    lv["pretrain"]["sources"][n] == params["pretrain"]["sources"][n] for lv in applied)]
+    return names, "" if names else "no level keeps a source of the params"
+
+
+def train_sources(root: Path, pipeline: Path, names: list[str], env: dict, dry_run: bool) -> Optional[dict]:
+    """`dvc repro <pipeline>/dvc.yaml:pretrain@<name> ...` in the workspace (see shared_sources)."""
+    if not names:
+        return None
+    cmd = [dvc_bin(), "repro", *[f"{pipeline.as_posix()}/dvc.yaml:pretrain@{n}" for n in names]]
+    print("study: the sources, once for every level: " + " ".join(cmd), flush=True)
+    if dry_run:
+        return None
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=root, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise ConfigError(f"training the sources failed (dvc repro exit {proc.returncode}); see its output above")
+    print(f"study: sources {', '.join(names)} ready in {seconds:.0f}s", flush=True)
+    return {"shots": None, "experiment": "sources: " + ", ".join(names), "seconds": round(seconds, 1),
+            "returncode": 0}
+
+
+def run_levels(root: Path, pipeline: Path, levels: list[Level], dry_run: bool,
+               sources: Optional[list[str]] = None) -> list[dict]:
     """`dvc exp run --temp <pipeline>/dvc.yaml:report -n de-shots-<n> -S ...`, one level after the other
     (in the foreground: each finishes before the next starts, and its wall time is recorded)."""
     params_file = (pipeline / "params.yaml").as_posix()
@@ -203,6 +255,9 @@ def run_levels(root: Path, pipeline: Path, levels: list[Level], dry_run: bool) -
     if untracked:
         print(f"study: warning: untracked files are not part of the experiments: {', '.join(u[3:] for u in untracked)}")
     done = []
+    trained = train_sources(root, pipeline, sources or [], env, dry_run)
+    if trained:
+        done.append(trained)
     for lv in levels:
         cmd = [dvc_bin(), "exp", "run", "--temp", f"{pipeline.as_posix()}/dvc.yaml:report", "-n", lv.name]
         for arg in lv.hydra(params_file):
@@ -459,7 +514,8 @@ def markdown(rows: list[dict], cross: dict, runs: list[dict]) -> str:
     if runs:
         total = sum(r["seconds"] for r in runs)
         lines += ["## Wall time", "", "| shots | experiment | seconds |", "|---:|---|---:|"]
-        lines += [f"| {r['shots']} | {r['experiment']} | {r['seconds']:.0f} |" for r in runs]
+        lines += [f"| {'-' if r['shots'] is None else r['shots']} | {r['experiment']} | {r['seconds']:.0f} |"
+                  for r in runs]
         lines += [f"| all | | {total:.0f} ({total / 60:.1f} min) |", ""]
     return "\n".join(lines)
 
@@ -522,9 +578,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             params = load_all(root / pipeline / "params.yaml")
             extra = parse_sets(args.set)
             levels = [level(params, s, args.steps, args.models, extra) for s in sorted(set(args.shots))]
-            for lv in levels:
-                check_level(params, lv)
-            runs = run_levels(root, pipeline, levels, args.dry_run)
+            applied = [check_level(params, lv) for lv in levels]
+            sources, why_not = shared_sources(params, applied)
+            if why_not:
+                print(f"study: {why_not}")
+            runs = run_levels(root, pipeline, levels, args.dry_run, sources)
             if args.dry_run:
                 return
         summarise(root, pipeline, args.all_baselines, runs)

@@ -87,6 +87,53 @@ def test_the_dry_run_prints_one_dvc_experiment_per_level(capsys, monkeypatch):
     assert all("pipelines/data-efficiency/dvc.yaml:report" in c for c in cmds)
 
 
+def test_the_sources_train_once_for_every_level_unless_a_setting_changes_them(capsys, monkeypatch):
+    applied = [study.check_level(STUDY_PARAMS, study.level(STUDY_PARAMS, s, 120, ["lwf", "cartl_ft"])) for s in (5, 50)]
+    assert study.shared_sources(STUDY_PARAMS, applied) == (["robust", "cartl"], "")
+    changed = [study.check_level(STUDY_PARAMS, study.level(STUDY_PARAMS, 5, 120, ["lwf"], {"pretrain.train.epochs": 1}))]
+    names, why = study.shared_sources(STUDY_PARAMS, changed)
+    assert names == [] and "pretrain.train" in why
+    bigger = [study.check_level(STUDY_PARAMS, study.level(STUDY_PARAMS, 5, 120, ["lwf"], {"data.source_train_size": 500}))]
+    assert "data.source_train_size" in study.shared_sources(STUDY_PARAMS, bigger)[1]
+    monkeypatch.chdir(REPO)
+    study.main(["run", "--dry-run", "--shots", "10", "5", "--models", "lwf"])
+    out = capsys.readouterr().out.splitlines()
+    first = next(i for i, ln in enumerate(out) if " exp run --temp " in ln)
+    assert any(ln.endswith("repro pipelines/data-efficiency/dvc.yaml:pretrain@robust") for ln in out[:first])
+
+
+def test_an_experiment_copy_reuses_a_stage_run_in_the_workspace(tmp_path):
+    """What shared_sources relies on: `dvc exp run --temp` copies the workspace's (untracked) dvc.lock and
+    `cache: false` outputs, and checks the stage's cached outputs out instead of running it again."""
+    import shutil
+    import sys
+
+    dvc = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() else shutil.which("dvc")
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr[-2000:]}"
+        return proc
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "t@t")
+    sh("git", "config", "user.name", "t")
+    sh(dvc, "init", "-q")
+    runs = tmp_path.parent / f"{tmp_path.name}-source-runs.log"  # outside the repo: the copies write it too
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "dvc.yaml").write_text(
+        "stages:\n"
+        "  source:\n"
+        f"    cmd: pwd >> {runs} && echo weights > model.txt && " + "echo '{\"acc\":1}' > m.json\n"
+        "    params: [a]\n    outs: [model.txt]\n    metrics:\n      - m.json:\n          cache: false\n"
+        "  target:\n    cmd: cat model.txt > t.txt\n    deps: [model.txt]\n    params: [b]\n    outs: [t.txt]\n")
+    (tmp_path / "p" / "params.yaml").write_text("a: 1\nb: 1\n")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    sh(dvc, "repro", "p/dvc.yaml:source")
+    sh(dvc, "exp", "run", "--temp", "p/dvc.yaml:target", "-n", "level", "-S", "p/params.yaml:b=2")
+    assert runs.read_text().split() == [str(tmp_path / "p")]  # the workspace's run only, not the copy's
+
+
 def test_crossover_finds_where_target_at_overtakes_transfer():
     rows = [{"shots": s, "model": m, "method": meth, "pgd_acc": acc}
             for s, m, meth, acc in [(20, "lwf", "lwf", 0.629), (20, "target_at_scratch", "target_at", 0.349),
