@@ -35,8 +35,10 @@ def copy_project(dest: Path) -> Path:
 
 def project_env(root: Path, **extra: str) -> dict:
     """Stages of the copy run its own code (PYTHONPATH; the engine forwards it to Ray workers) and use
-    its own MLflow store unless a test points them elsewhere."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    its own MLflow store unless a test points them elsewhere. Python writes its bytecode caches, as on a
+    user's machine (the code folders are DVC dependencies: .dvcignore must keep the caches out of them)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONDONTWRITEBYTECODE")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(root), **extra)
     return env
 
