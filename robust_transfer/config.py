@@ -138,6 +138,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine | constant
     augment: bool = False  # random crop + flip (CIFAR-like data only)
     amp: bool = False  # bf16 autocast of each training step on CUDA workers (ignored on the CPU)
+    val_every: int = 1  # epochs between validations (the history's val_* columns); the last epoch always
     seed: int = 0
 
     def validate(self, key: str) -> None:
@@ -147,6 +148,7 @@ class TrainConfig:
         _positive(f"{key}.width", self.width)
         _positive(f"{key}.epochs", self.epochs)
         _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.val_every", self.val_every)
         if not (0 < self.lr < 10):
             raise ConfigError(f"{key}.lr must be in (0, 10), got {self.lr}")
         if self.weight_decay < 0:

@@ -280,6 +280,7 @@ def train_loop_per_worker(job: dict) -> None:
     # Checkpoints at most every `checkpoint_every_s` seconds and after the last epoch: with small jobs an
     # epoch-by-epoch checkpoint (save, persist, the controller's bookkeeping) cost more than the epoch.
     every_s = float(job.get("checkpoint_every_s", 0.0))
+    report_epochs = set(job.get("report_epochs") or ())  # epochs done at which a Tune trial reports
     last_checkpoint = time.monotonic()
 
     if rank == 0:
@@ -363,7 +364,16 @@ def train_loop_per_worker(job: dict) -> None:
         state["seconds"] += time.perf_counter() - t0
         state["passes"] += passes * world
         row = {"epoch": epoch, "train_loss": tot_loss / max(seen, 1), "train_acc": tot_correct / max(seen, 1)}
-        row.update(_validate(plan, val_x, val_y))
+        final = bool(epoch == cfg.epochs - 1 or state["stopped_early"])
+        due = final or every_s <= 0 or time.monotonic() - last_checkpoint >= every_s
+        # Metrics go to Ray Train with the checkpoints (the history travels in each one), and in a
+        # Tune trial also at the epochs its scheduler compares trials (`report_epochs`): each report
+        # waits for the controller's next poll when the one before is still unread.
+        report = due or (epoch + 1) in report_epochs
+        # Validation (a PGD check) every `val_every` epochs and with every report: on a few-shot
+        # task an epoch is a handful of steps, and validating each one cost more than training.
+        if report or (epoch + 1) % cfg.val_every == 0:
+            row.update(_validate(plan, val_x, val_y))
         row.update(epoch_seconds=time.perf_counter() - t0, passes=state["passes"])
         state["history"].append(row)
         state["epoch"] = epoch
@@ -371,12 +381,7 @@ def train_loop_per_worker(job: dict) -> None:
             bar.set_description(f"{job.get('name', 'train')} " + " ".join(
                 f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "passes", "epoch_seconds")))
             bar.update(1)
-        final = bool(epoch == cfg.epochs - 1 or state["stopped_early"])
-        due = final or every_s <= 0 or time.monotonic() - last_checkpoint >= every_s
-        # Metrics go to Ray Train with the checkpoints (the history travels in each one), and every
-        # epoch only where something reads them as they come (Tune's scheduler): each report waits
-        # for the controller's next poll when the one before is still unread.
-        if due or job.get("report_every_epoch"):
+        if report:
             _report(module, opt, sched, swa_net, plan, state, rank, final=final, data=data, checkpoint=due)
         if due:
             last_checkpoint = time.monotonic()
@@ -458,7 +463,10 @@ def _validate(plan: Plan, x, y) -> dict:
     net.eval()
     out = {"val_clean_acc": _clean_acc(net, x, y)}
     xs, ys = x[:VAL_PGD_IMAGES], y[:VAL_PGD_IMAGES]  # a quick PGD check on a fixed slice: the trend, not the final number
-    x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
+    # PGD's random start draws from the global generator: on a fork of it, so that how often a job
+    # validates (val_every, a Tune trial's rungs) leaves its training, and its weights, unchanged.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
     with torch.no_grad():  # robust = right on the clean image and on its attack (a weak attack can
         # land a misclassified image on the right side, which must not count)
         robust = (net(xs).argmax(1) == ys) & (net(x_adv).argmax(1) == ys)

@@ -93,6 +93,18 @@ def grace_epochs(method: str, options: dict, epochs: int, frac: float) -> int:
     return max(1, min(grace, epochs))
 
 
+def rung_epochs(grace: int, reduction_factor: float, epochs: int) -> list[int]:
+    """The epochs (done) at which a trial reports: ASHA's rungs, grace x rf^k, and the last epoch.
+    ASHA compares a trial at the first result at or past each rung, so reporting there alone gives
+    the decisions of reporting every epoch, without a wait for the Train controller's poll per epoch
+    (or a validation per epoch: the engine validates when it reports)."""
+    out, t = [], float(grace)
+    while t < epochs:
+        out.append(math.ceil(t))
+        t *= reduction_factor
+    return sorted(set(out)) + [epochs]
+
+
 # ----------------------------------------------------------------------------- one trial
 def scored(metrics: dict, clean_floor: float) -> dict:
     """One epoch's worker metrics as Tune sees them: with the score and an epoch count ASHA can use
@@ -154,7 +166,6 @@ def trial_class():
         def setup(self, config, job, ray_cfg, storage, clean_floor):
             job = copy.deepcopy(job)
             job["options"].update(config["options"])
-            job["report_every_epoch"] = True  # ASHA compares trials at epoch milestones
             self.epochs = job["train"]["epochs"]
             self.queue = Queue(actor_options={"num_cpus": 0})
             trainer = engine.make_trainer(job, ray_cfg, storage, job["name"],
@@ -217,13 +228,13 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     baseline = {k: options[k] for k in space}
     points = search_points(space, baseline, cfg.num_samples, cfg.seed)
     trial_ray = dataclasses.replace(ray_cfg, num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker)
-    job = dict(job, name=f"tune-{model}")
+    grace = grace_epochs(method, options, epochs, cfg.grace_frac)
+    job = dict(job, name=f"tune-{model}", report_epochs=rung_epochs(grace, cfg.reduction_factor, epochs))
     trainable = tune.with_parameters(trial_class(), job=job, ray_cfg=trial_ray, storage=storage,
                                      clean_floor=cfg.clean_floor)
     # The driver only launches its workers and waits: it holds `driver_cpus` (0 by default) and a
     # little logical memory, so that `max_concurrent_trials` alone decides how many run at once.
     trainable = tune.with_resources(trainable, {"cpu": cfg.driver_cpus, "memory": 256 * 2**20})
-    grace = grace_epochs(method, options, epochs, cfg.grace_frac)
     scheduler = asha_keeping_baseline(points[0], time_attr="epochs_done", max_t=epochs, grace_period=grace,
                                       reduction_factor=cfg.reduction_factor)
     name = f"search-{model}-{engine.job_hash({'job': job, 'points': points, 'cfg': dataclasses.asdict(cfg)})}"

@@ -454,6 +454,24 @@ def test_a_job_builds_the_same_initial_weights_whatever_the_process_drew_before(
     assert not all(torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
 
 
+def test_validation_runs_every_val_every_epochs_with_each_report_and_at_the_end(ray_runtime, tmp_path):
+    """train.val_every spaces the per-epoch PGD check; a Tune trial's report epochs (ASHA's rungs)
+    and the last epoch are always validated, since what reads them needs the val_* metrics. How often
+    a job validates does not change what it trains (FGSM-RS draws its random start from the same
+    generator as the validation's PGD)."""
+    ray_cfg = RayConfig(num_workers=1, cpus_per_worker=1, checkpoint_every_s=3600)
+    job = dict(_job("val-every", epochs=5), method="fgsm_rs", options={"guard_every": 1000})
+    job["train"]["val_every"] = 2
+    job["report_epochs"] = [1]  # epochs done: a report after the first epoch
+    sparse = engine.fit(job, ray_cfg, tmp_path, job["name"])
+    assert [row["epoch"] for row in sparse.history] == [0, 1, 2, 3, 4]
+    assert [row["epoch"] for row in sparse.history if "val_pgd_acc" in row] == [0, 1, 3, 4]
+    every = dict(job, name="val-every-1", report_epochs=[], train=dict(job["train"], val_every=1))
+    dense = engine.fit(every, ray_cfg, tmp_path, every["name"])
+    assert all("val_pgd_acc" in row for row in dense.history)
+    assert all(torch.allclose(sparse.state[k].float(), dense.state[k].float(), rtol=1e-5, atol=1e-6) for k in dense.state)
+
+
 @pytest.mark.parametrize("mode", ["raise", "sigkill"])
 def test_failed_worker_is_restarted_within_the_run_from_its_checkpoint(ray_runtime, tmp_path, monkeypatch, capsys,
                                                                       mode):

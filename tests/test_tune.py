@@ -264,3 +264,18 @@ def test_smoke_tune_stage_outputs_and_nested_mlflow_runs(smoke_project):
     # the transfer stage trained lwf with the chosen weight
     transfer = max((r for r in runs if r.data.tags.get("stage") == "transfer-lwf"), key=lambda r: r.info.start_time)
     assert math.isclose(float(transfer.data.params["options.lam"]), tuned["lwf"]["lam"])
+
+
+@pytest.mark.parametrize("grace, rf, epochs", [(16, 2, 30), (15, 2, 30), (60, 2, 120), (1, 2, 2), (5, 3, 100), (7, 1.5, 40)])
+def test_a_trial_reports_at_every_rung_asha_compares_and_at_its_end(grace, rf, epochs):
+    """Trials report at ASHA's rungs only (tuning.rung_epochs), not every epoch: the rungs must be
+    exactly where Ray's ASHA compares (its first result at or past each milestone)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=grace, reduction_factor=rf)
+    milestones = sorted(m for m, _ in asha._brackets[0]._rungs)
+    reports = tuning.rung_epochs(grace, rf, epochs)
+    assert reports[-1] == epochs and reports == sorted(set(reports))
+    for m in milestones:  # the first report at or past each milestone is the epoch it is reached
+        assert min(r for r in reports if r >= m) == math.ceil(m)
+    assert set(reports) <= {math.ceil(m) for m in milestones} | {epochs}
