@@ -126,7 +126,10 @@ def level(params: dict, shots: int, steps: int, models: Optional[list[str]] = No
     # tune's validation split comes out of the shots: a quarter of them at most, at least one
     lv.sets["data.val_shots"] = max(1, min(int(data.get("val_shots", 1)), shots // 4))
     base = transfer.get("train") or {}
-    lv.sets["transfer.train.epochs"] = epochs_for(shots, n_classes, int(base.get("batch_size", 128)), steps)
+    epochs = epochs_for(shots, n_classes, int(base.get("batch_size", 128)), steps)
+    lv.sets["transfer.train.epochs"] = epochs
+    if "val_every" in base:  # as many validations per model as at the params' epochs (not 4 times as many at 5 shots)
+        lv.sets["transfer.train.val_every"] = max(1, round(int(base["val_every"]) * epochs / int(base.get("epochs", 4))))
     for name, entry in transfer["models"].items():
         entry = entry or {}
         if name not in keep:
@@ -250,10 +253,8 @@ def run_levels(root: Path, pipeline: Path, levels: list[Level], dry_run: bool,
         ensure_mlflow_experiment(env["MLFLOW_TRACKING_URI"], mlflow_experiment_name(root, pipeline), root)
     if not dry_run and git("rev-parse", "--verify", "HEAD", root=root, check=False) == "":
         raise ConfigError("the project has no commit: DVC experiments start from one (git commit first)")
-    untracked = [p for p in git("status", "--porcelain", "--", "stages", "robust_transfer", str(pipeline),
-                                root=root, check=False).splitlines() if p.startswith("??")]
-    if untracked:
-        print(f"study: warning: untracked files are not part of the experiments: {', '.join(u[3:] for u in untracked)}")
+    # No warning about uncommitted or untracked files: `dvc exp run` copies the workspace as it is
+    # (shared_sources relies on it, tests/test_study.py checks it).
     done = []
     trained = train_sources(root, pipeline, sources or [], env, dry_run)
     if trained:
@@ -335,6 +336,7 @@ def level_rows(params: dict, read) -> list[dict]:
     models = transfer_entries(params)
     epochs = {m: cfg.epochs for m, (_, cfg, _) in models.items()}
     summary = read("metrics/summary.json")
+    pgd_images = ((params.get("evaluate") or {}).get("images"))  # the evaluate stage's PGD images (null: all)
     rows = []
     if summary:
         entries = json.loads(summary)
@@ -343,7 +345,7 @@ def level_rows(params: dict, read) -> list[dict]:
         for name, entry in zip(models, entries):
             if entry.get("model", name) != name or entry.get("method") != models[name][0]:
                 raise ConfigError(f"metrics/summary.json does not list transfer.models in order ({name})")
-            rows.append(dict(entry, model=name, epochs=epochs[name], from_file="summary.json"))
+            rows.append(dict(entry, model=name, epochs=epochs[name], pgd_images=pgd_images, from_file="summary.json"))
         if len(rows) == len(models):
             return rows
     rows = []
@@ -355,12 +357,12 @@ def level_rows(params: dict, read) -> list[dict]:
         rows.append({"model": name, "method": method, "source": m.get("source"), "shots": m.get("shots"),
                      "clean_acc": m.get("clean_acc"), "pgd_acc": m.get("pgd_acc"), "autoattack_acc": None,
                      "transfer_asr": None, "checks_passed": None, "train_seconds": m.get("train_seconds"),
-                     "train_passes": m.get("train_passes"), "epochs": epochs[name],
+                     "train_passes": m.get("train_passes"), "epochs": epochs[name], "pgd_images": m.get("pgd_images"),
                      "from_file": f"transfer_{name}.json"})
     return rows
 
 
-COLUMNS = ["shots", "model", "method", "source", "epochs", "clean_acc", "pgd_acc", "autoattack_acc", "transfer_asr",
+COLUMNS = ["shots", "model", "method", "source", "epochs", "clean_acc", "pgd_acc", "pgd_images", "autoattack_acc", "transfer_asr",
            "checks_passed", "train_seconds", "train_passes", "experiment", "rev", "from_file"]
 
 
@@ -383,9 +385,19 @@ def collect(root: Path, pipeline: Path, all_baselines: bool = False) -> list[dic
     return rows
 
 
+def noise_margin(p1: float, n1: Optional[int], p2: float, n2: Optional[int], z: float = 1.96) -> float:
+    """Half-width of a 95 % interval for the difference of two accuracies measured on n1 and n2 images
+    (0 when a count is unknown): two models closer than this are a tie, not a win."""
+    if not n1 or not n2:
+        return 0.0
+    return z * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
 def crossover(rows: list[dict], metric: str = "pgd_acc") -> dict:
-    """Per level, the best transfer model and the best target adversarial training by `metric`, and the
-    first level from which target AT is at least as robust as every transfer method."""
+    """Per level, the best transfer model and the best target adversarial training by `metric`, the
+    verdict (a tie when they are within the noise of the images attacked, `pgd_images`), and the
+    first level from which target AT is at least as robust as every transfer method (no transfer win
+    beyond the noise there or at any later level)."""
     by_shots: dict[int, list[dict]] = {}
     for r in rows:
         if r.get(metric) is not None:
@@ -399,12 +411,15 @@ def crossover(rows: list[dict], metric: str = "pgd_acc") -> dict:
             continue
         best_at = max(at, key=lambda r: r[metric])
         best_tr = max(tr, key=lambda r: r[metric])
-        at_wins = best_at[metric] >= best_tr[metric]
+        margin = noise_margin(best_at[metric], best_at.get("pgd_images"), best_tr[metric], best_tr.get("pgd_images"))
+        diff = best_at[metric] - best_tr[metric]
+        verdict = "tie" if abs(diff) <= margin and margin > 0 else "target AT" if diff >= 0 else "transfer"
         levels.append({"shots": shots, "best_transfer": best_tr["model"], "transfer": best_tr[metric],
-                       "best_target_at": best_at["model"], "target_at": best_at[metric], "target_at_wins": at_wins})
-        if at_wins and first is None:
+                       "best_target_at": best_at["model"], "target_at": best_at[metric],
+                       "margin": round(margin, 4), "verdict": verdict, "target_at_wins": verdict == "target AT"})
+        if verdict != "transfer" and first is None:
             first = shots
-        if not at_wins:
+        if verdict == "transfer":
             first = None  # "from which on": a later transfer win resets it
     return {"metric": metric, "levels": levels, "target_at_from_shots": first}
 
@@ -504,13 +519,14 @@ def markdown(rows: list[dict], cross: dict, runs: list[dict]) -> str:
         lines.append(f"| {m} | {first['method']} | " + " | ".join(vals) + f" | {secs} |")
     lines += ["", "## Where transfer stops beating target adversarial training (PGD)", ""]
     for lv in cross["levels"]:
-        verdict = "target AT wins" if lv["target_at_wins"] else "transfer wins"
+        verdict = {"tie": f"a tie within the noise (+-{pct(lv['margin'])} points)", "transfer": "transfer wins",
+                   "target AT": "target AT wins"}[lv["verdict"]]
         lines.append(f"- {lv['shots']} shots: best transfer {lv['best_transfer']} {pct(lv['transfer'])}%, best target "
                      f"AT {lv['best_target_at']} {pct(lv['target_at'])}%: {verdict}")
     first = cross["target_at_from_shots"]
-    lines += ["", f"Target adversarial training is at least as robust as every transfer method from "
-                  f"**{first} shots per class** on." if first is not None else
-              "Transfer stays ahead of target adversarial training at every level run.", ""]
+    lines += ["", f"Target adversarial training is at least as robust as every transfer method (within the noise) "
+                  f"from **{first} shots per class** on." if first is not None else
+              "Transfer beats target adversarial training beyond the noise at the last level run.", ""]
     if runs:
         total = sum(r["seconds"] for r in runs)
         lines += ["## Wall time", "", "| shots | experiment | seconds |", "|---:|---|---:|"]
@@ -544,7 +560,7 @@ def summarise(root: Path, pipeline: Path, all_baselines: bool, runs: list[dict])
           f".csv, .md")
     for lv in cross["levels"]:
         print(f"  {lv['shots']:>4} shots: transfer {lv['best_transfer']} {lv['transfer']:.3f} vs target AT "
-              f"{lv['best_target_at']} {lv['target_at']:.3f} -> {'target AT' if lv['target_at_wins'] else 'transfer'}")
+              f"{lv['best_target_at']} {lv['target_at']:.3f} -> {lv['verdict']} (noise +-{lv['margin']:.3f})")
     return rows
 
 

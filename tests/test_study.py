@@ -147,6 +147,19 @@ def test_crossover_finds_where_target_at_overtakes_transfer():
     assert study.crossover(rows)["target_at_from_shots"] == 200  # a transfer win at 100 moves it on
 
 
+def test_a_difference_within_the_noise_of_the_images_attacked_is_a_tie():
+    """2 points on 500 images is noise (95 % margin ~6 points); 20 points is not; without the image
+    count every difference counts, as before."""
+    pair = lambda s, tr, at, n: [{"shots": s, "model": "cartl_ft", "method": "cartl", "pgd_acc": tr, "pgd_images": n},
+                                 {"shots": s, "model": "target_at_scratch", "method": "target_at", "pgd_acc": at,
+                                  "pgd_images": n}]
+    cross = study.crossover(pair(5, 0.67, 0.47, 500) + pair(20, 0.67, 0.65, 500) + pair(50, 0.69, 0.674, None))
+    assert [lv["verdict"] for lv in cross["levels"]] == ["transfer", "tie", "transfer"]
+    assert 0.05 < cross["levels"][1]["margin"] < 0.07 and cross["levels"][2]["margin"] == 0
+    assert study.crossover(pair(5, 0.67, 0.47, 500) + pair(20, 0.67, 0.65, 500))["target_at_from_shots"] == 20
+    assert "a tie within the noise" in study.markdown(pair(20, 0.67, 0.65, 500), study.crossover(pair(20, 0.67, 0.65, 500)), [])
+
+
 def _git(root: Path, *args: str, stdin: str = None) -> str:
     return subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True, text=True, check=True).stdout
 
