@@ -524,9 +524,14 @@ def markdown(rows: list[dict], cross: dict, runs: list[dict]) -> str:
         lines.append(f"- {lv['shots']} shots: best transfer {lv['best_transfer']} {pct(lv['transfer'])}%, best target "
                      f"AT {lv['best_target_at']} {pct(lv['target_at'])}%: {verdict}")
     first = cross["target_at_from_shots"]
-    lines += ["", f"Target adversarial training is at least as robust as every transfer method (within the noise) "
-                  f"from **{first} shots per class** on." if first is not None else
-              "Transfer beats target adversarial training beyond the noise at the last level run.", ""]
+    if cross["levels"] and all(lv["verdict"] == "tie" for lv in cross["levels"]):
+        lines += ["", "No level run separates them: the best transfer method and target adversarial training are "
+                      "within the noise of each other at every level (attack more images, `evaluate.images`, to "
+                      "separate them).", ""]
+    else:
+        lines += ["", f"Target adversarial training is at least as robust as every transfer method (within the "
+                      f"noise) from **{first} shots per class** on." if first is not None else
+                  "Transfer beats target adversarial training beyond the noise at the last level run.", ""]
     if runs:
         total = sum(r["seconds"] for r in runs)
         lines += ["## Wall time", "", "| shots | experiment | seconds |", "|---:|---|---:|"]
@@ -545,10 +550,14 @@ def summarise(root: Path, pipeline: Path, all_baselines: bool, runs: list[dict])
                           f"(run `python -m stages.study run`, or pass --all-baselines)")
     out = root / pipeline / OUT
     out.mkdir(parents=True, exist_ok=True)
-    if runs:
+    earlier = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else []
+    if runs:  # this run's levels replace the same experiments of earlier runs; the others stay listed
+        merged = {r["experiment"]: r for r in earlier}
+        merged.update({r["experiment"]: r for r in runs})
+        runs = sorted(merged.values(), key=lambda r: -1 if r["shots"] is None else r["shots"])
         write_json(runs, out / "run.json")
-    elif (out / "run.json").is_file():
-        runs = json.loads((out / "run.json").read_text())
+    else:
+        runs = earlier
     cross = crossover(rows)
     write_csv(rows, out / "efficiency.csv")
     plot(rows, out / "efficiency.png", f"Data efficiency on the default task ({pipeline.as_posix()})")

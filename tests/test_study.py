@@ -157,7 +157,8 @@ def test_a_difference_within_the_noise_of_the_images_attacked_is_a_tie():
     assert [lv["verdict"] for lv in cross["levels"]] == ["transfer", "tie", "transfer"]
     assert 0.05 < cross["levels"][1]["margin"] < 0.07 and cross["levels"][2]["margin"] == 0
     assert study.crossover(pair(5, 0.67, 0.47, 500) + pair(20, 0.67, 0.65, 500))["target_at_from_shots"] == 20
-    assert "a tie within the noise" in study.markdown(pair(20, 0.67, 0.65, 500), study.crossover(pair(20, 0.67, 0.65, 500)), [])
+    text = study.markdown(pair(20, 0.67, 0.65, 500), study.crossover(pair(20, 0.67, 0.65, 500)), [])
+    assert "a tie within the noise" in text and "No level run separates them" in text
 
 
 def _git(root: Path, *args: str, stdin: str = None) -> str:
@@ -225,3 +226,11 @@ def test_collect_reads_the_experiments_commits(tmp_path, monkeypatch):
     assert len(table) == 4 and {r["model"] for r in table} == set(models)
     assert json.loads((out / "crossover.json").read_text())["target_at_from_shots"] == 200
     assert "from **200 shots per class** on" in (out / "efficiency.md").read_text()
+    # a later run's levels join the wall-time table; a level run again replaces its row
+    study.summarise(root, study.PIPELINE, False, [{"shots": 200, "experiment": "de-shots-200", "seconds": 90.0,
+                                                   "returncode": 0},
+                                                  {"shots": 20, "experiment": "de-shots-20", "seconds": 70.0,
+                                                   "returncode": 0}])
+    runs = json.loads((out / "run.json").read_text())
+    assert [(r["shots"], r["seconds"]) for r in runs] == [(20, 70.0), (200, 90.0)]
+    assert "| all | | 160 (2.7 min) |" in (out / "efficiency.md").read_text()
