@@ -461,8 +461,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if aa:
             ax.plot([r["shots"] for r in aa], [r["autoattack_acc"] for r in aa], ":", marker="x", ms=7,
                     color=colour, lw=1)
-        secs = [r for r in mine if r.get("train_seconds")]
-        bx.plot([r["shots"] for r in secs], [r["train_seconds"] for r in secs], style, marker="o", ms=4,
+        # Passes, not seconds: the physical cost, the same on any machine and under any load
+        # (the seconds are in efficiency.csv and efficiency.md).
+        secs = [r for r in mine if r.get("train_passes")]
+        bx.plot([r["shots"] for r in secs], [r["train_passes"] for r in secs], style, marker="o", ms=4,
                 color=colour, lw=lw, label=model)
     eps = rows[0].get("eps") if rows else None
     ax.set_xscale("log")
@@ -479,7 +481,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         a.set_xticklabels([str(s) for s in shots])
         a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     bx.set_xlabel("target training images per class (log)")
-    bx.set_ylabel("training wall seconds (log)")
+    bx.set_ylabel("training passes: image forward+backward (log)")
     bx.set_title("Compute of the transfer stage's training", fontsize=10)
     bx.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
