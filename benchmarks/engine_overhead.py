@@ -140,7 +140,12 @@ def engine_run(job: dict, threads: int, storage: Path, num_workers: int = 1, use
     job = dict(job, bench_out=str(out))  # also makes the job (and its run name) unique: no resume
     if bare:
         job["bench_bare"] = {"threads": threads, "device": "cuda" if use_gpu else "cpu"}
-    ray_cfg = RayConfig(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=threads, max_failures=0)
+    # A report (with its checkpoint) after every epoch: the timings cut epochs at the reports, and the
+    # bare epoch runs after each one. (With the default checkpoint_every_s an "engine epoch" spanned
+    # several epochs against one bare epoch: 2.8 where the steps cost the same.) The checkpoint this
+    # adds, about 0.02 s an epoch, is counted as overhead.
+    ray_cfg = RayConfig(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=threads, max_failures=0,
+                        checkpoint_every_s=0)
     original = engine.train_loop_per_worker
     engine.train_loop_per_worker = instrumented_loop
     t0 = time.perf_counter()
