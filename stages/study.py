@@ -463,8 +463,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                     color=colour, lw=1)
         # Passes, not seconds: the physical cost, the same on any machine and under any load
         # (the seconds are in efficiency.csv and efficiency.md).
-        secs = [r for r in mine if r.get("train_passes")]
-        bx.plot([r["shots"] for r in secs], [r["train_passes"] for r in secs], style, marker="o", ms=4,
+        costed = [r for r in mine if r.get("train_passes")]
+        bx.plot([r["shots"] for r in costed], [r["train_passes"] for r in costed], style, marker="o", ms=4,
                 color=colour, lw=lw, label=model)
     eps = rows[0].get("eps") if rows else None
     ax.set_xscale("log")
