@@ -337,8 +337,10 @@ def train_loop_per_worker(job: dict) -> None:
                 loss = _inject_fault(job, epoch * steps_per_epoch + step_i, rank, loss)
             if not _all_finite(loss, world):  # every rank stops at the same step (no rank left in an all-reduce)
                 value = loss.item() if not torch.isfinite(loss) else "non-finite on another worker"
-                state["stopped_early"] = (f"loss became {value} at epoch {epoch} step {step_i}; "
-                                          f"kept the last good checkpoint (epoch {state['checkpoint_epoch']})")
+                kept = (f"kept the last good checkpoint (epoch {state['checkpoint_epoch']})"
+                        if state["checkpoint_epoch"] is not None else
+                        "no checkpoint had been written yet (one every ray.checkpoint_every_s and at the end)")
+                state["stopped_early"] = f"loss became {value} at epoch {epoch} step {step_i}; {kept}"
                 if rank == 0:
                     _write_failure(state["stopped_early"])
                 _report_failure(state, plan)
