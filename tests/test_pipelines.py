@@ -75,15 +75,13 @@ def test_bytecode_caches_are_not_part_of_the_code_dependencies():
     """The stages depend on the robust_transfer/ and stages/ folders: the .pyc files Python writes there
     (absent from a fresh clone or an experiment's copy) must not change their hash, or each new one
     would make every stage after them re-run."""
-    import shutil
     import subprocess
-    import sys
 
-    dvc = Path(sys.executable).parent / "dvc"
-    dvc = str(dvc) if dvc.exists() else shutil.which("dvc")
+    from conftest import BIN
+
     paths = ["robust_transfer/__pycache__/engine.cpython-311.pyc", "stages/__pycache__/transfer.cpython-311.pyc",
              "robust_transfer/engine.py"]
-    proc = subprocess.run([dvc, "check-ignore", "--non-matching", "--details", *paths], cwd=REPO,
+    proc = subprocess.run([str(BIN / "dvc"), "check-ignore", "--non-matching", "--details", *paths], cwd=REPO,
                           capture_output=True, text=True)
     ignored = {line.split("\t")[-1] for line in proc.stdout.splitlines() if not line.startswith("::")}
     assert ignored == set(paths[:2]), proc.stdout + proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import BIN, REPO
 from robust_transfer.config import ConfigError, load_all
 from stages import study
 
@@ -105,10 +105,7 @@ def test_the_sources_train_once_for_every_level_unless_a_setting_changes_them(ca
 def test_an_experiment_copy_reuses_a_stage_run_in_the_workspace(tmp_path):
     """What shared_sources relies on: `dvc exp run --temp` copies the workspace's (untracked) dvc.lock and
     `cache: false` outputs, and checks the stage's cached outputs out instead of running it again."""
-    import shutil
-    import sys
-
-    dvc = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() else shutil.which("dvc")
+    dvc = str(BIN / "dvc")
 
     def sh(*cmd):
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
