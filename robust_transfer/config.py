@@ -139,12 +139,16 @@ class TrainConfig:
     augment: bool = False  # random crop + flip (CIFAR-like data only)
     amp: bool = False  # bf16 autocast of each training step on CUDA workers (ignored on the CPU)
     val_every: int = 1  # epochs between validations (the history's val_* columns); the last epoch always
+    # A NaN/inf loss: `stop` fails the job (nothing is handed on); `rollback` ends it on the weights of
+    # the last validated epoch, as stopped early with the reason (a sweep goes on without that model's end).
+    on_nonfinite: str = "stop"
     seed: int = 0
 
     def validate(self, key: str) -> None:
         _choice(f"{key}.arch", self.arch, ARCHS)
         _choice(f"{key}.optimizer", self.optimizer, ("sgd", "adam"))
         _choice(f"{key}.schedule", self.schedule, ("onecycle", "cosine", "constant"))
+        _choice(f"{key}.on_nonfinite", self.on_nonfinite, ("stop", "rollback"))
         _positive(f"{key}.width", self.width)
         _positive(f"{key}.epochs", self.epochs)
         _positive(f"{key}.batch_size", self.batch_size)

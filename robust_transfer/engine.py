@@ -282,6 +282,7 @@ def train_loop_per_worker(job: dict) -> None:
     every_s = float(job.get("checkpoint_every_s", 0.0))
     report_epochs = set(job.get("report_epochs") or ())  # epochs done at which a Tune trial reports
     last_checkpoint = time.monotonic()
+    good = None  # with on_nonfinite: rollback, the weights of the last validated epoch
 
     if rank == 0:
         _write_failure(None)  # a new attempt: an earlier attempt's failure no longer stands
@@ -299,6 +300,7 @@ def train_loop_per_worker(job: dict) -> None:
         if saved.get("swa"):
             swa_net = _swa_init(plan.net)
             swa_net.load_state_dict(saved["swa"])
+        good = _snapshot(module, swa_net, state) if cfg.on_nonfinite == "rollback" else None
         if state["stopped_early"] or state["epoch"] >= cfg.epochs - 1:
             # Nothing left to train: report the end again, so this run too ends with metrics and a
             # final checkpoint (a Tune trial restarted after its job finished would see none).
@@ -337,10 +339,21 @@ def train_loop_per_worker(job: dict) -> None:
                 loss = _inject_fault(job, epoch * steps_per_epoch + step_i, rank, loss)
             if not _all_finite(loss, world):  # every rank stops at the same step (no rank left in an all-reduce)
                 value = loss.item() if not torch.isfinite(loss) else "non-finite on another worker"
+                where = f"loss became {value} at epoch {epoch} step {step_i}"
+                if good is not None:  # on_nonfinite: rollback
+                    swa_net = _restore(good, module, swa_net, state)
+                    state["stopped_early"] = (f"{where}; rolled back to the weights of epoch {good['epoch']} "
+                                              f"(the last validated)")
+                    _report(module, opt, sched, swa_net, plan, state, rank, final=True, data=data)
+                    if bar is not None:
+                        bar.close()
+                    return
                 kept = (f"kept the last good checkpoint (epoch {state['checkpoint_epoch']})"
                         if state["checkpoint_epoch"] is not None else
                         "no checkpoint had been written yet (one every ray.checkpoint_every_s and at the end)")
-                state["stopped_early"] = f"loss became {value} at epoch {epoch} step {step_i}; {kept}"
+                if cfg.on_nonfinite == "rollback":
+                    kept += ", and no epoch had been validated to roll back to"
+                state["stopped_early"] = f"{where}; {kept}"
                 if rank == 0:
                     _write_failure(state["stopped_early"])
                 _report_failure(state, plan)
@@ -374,11 +387,14 @@ def train_loop_per_worker(job: dict) -> None:
         report = due or (epoch + 1) in report_epochs
         # Validation (a PGD check) every `val_every` epochs and with every report: on a few-shot
         # task an epoch is a handful of steps, and validating each one cost more than training.
-        if report or (epoch + 1) % cfg.val_every == 0:
+        validated = report or (epoch + 1) % cfg.val_every == 0
+        if validated:
             row.update(_validate(plan, val_x, val_y))
         row.update(epoch_seconds=time.perf_counter() - t0, passes=state["passes"])
         state["history"].append(row)
         state["epoch"] = epoch
+        if validated and cfg.on_nonfinite == "rollback":
+            good = _snapshot(module, swa_net, state)
         if bar is not None:
             bar.set_description(f"{job.get('name', 'train')} " + " ".join(
                 f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "passes", "epoch_seconds")))
@@ -391,6 +407,25 @@ def train_loop_per_worker(job: dict) -> None:
             break
     if bar is not None:
         bar.close()
+
+
+def _snapshot(module, swa_net, state: dict) -> dict:
+    """The weights (and SWA average) of the epoch just validated, for on_nonfinite: rollback."""
+    copy_ = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+    return {"epoch": state["epoch"], "rows": len(state["history"]), "module": copy_(module.state_dict()),
+            "swa": copy_(swa_net.state_dict()) if swa_net is not None else None}
+
+
+def _restore(good: dict, module, swa_net, state: dict):
+    """Back to a snapshot: its weights, SWA average and history (the passes spent since stay counted)."""
+    module.load_state_dict(good["module"])
+    if good["swa"] is None:
+        swa_net = None
+    else:
+        swa_net.load_state_dict(good["swa"])
+    state["history"] = state["history"][:good["rows"]]
+    state["epoch"] = good["epoch"]
+    return swa_net
 
 
 def _quiet_report_log() -> None:

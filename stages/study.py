@@ -130,6 +130,9 @@ def level(params: dict, shots: int, steps: int, models: Optional[list[str]] = No
     lv.sets["transfer.train.epochs"] = epochs
     if "val_every" in base:  # as many validations per model as at the params' epochs (not 4 times as many at 5 shots)
         lv.sets["transfer.train.val_every"] = max(1, round(int(base["val_every"]) * epochs / int(base.get("epochs", 4))))
+    # A model whose loss diverges (seen: LwF at 5 shots) ends on its last validated weights, marked in the
+    # table, rather than failing its stage and with it the level's other models (and the tune trials too).
+    lv.sets["transfer.train.on_nonfinite"] = "rollback"
     for name, entry in transfer["models"].items():
         entry = entry or {}
         if name not in keep:
@@ -345,7 +348,8 @@ def level_rows(params: dict, read) -> list[dict]:
         for name, entry in zip(models, entries):
             if entry.get("model", name) != name or entry.get("method") != models[name][0]:
                 raise ConfigError(f"metrics/summary.json does not list transfer.models in order ({name})")
-            rows.append(dict(entry, model=name, epochs=epochs[name], pgd_images=pgd_images, from_file="summary.json"))
+            rows.append(dict(entry, model=name, epochs=epochs[name], pgd_images=pgd_images, from_file="summary.json",
+                             stopped_early=_stopped_early(read, name)))
         if len(rows) == len(models):
             return rows
     rows = []
@@ -358,12 +362,18 @@ def level_rows(params: dict, read) -> list[dict]:
                      "clean_acc": m.get("clean_acc"), "pgd_acc": m.get("pgd_acc"), "autoattack_acc": None,
                      "transfer_asr": None, "checks_passed": None, "train_seconds": m.get("train_seconds"),
                      "train_passes": m.get("train_passes"), "epochs": epochs[name], "pgd_images": m.get("pgd_images"),
-                     "from_file": f"transfer_{name}.json"})
+                     "stopped_early": m.get("stopped_early"), "from_file": f"transfer_{name}.json"})
     return rows
 
 
+def _stopped_early(read, name: str) -> Optional[str]:
+    """Why the model's training ended early (its transfer metrics say: a rolled-back divergence), or None."""
+    text = read(f"metrics/transfer_{name}.json")
+    return json.loads(text).get("stopped_early") if text else None
+
+
 COLUMNS = ["shots", "model", "method", "source", "epochs", "clean_acc", "pgd_acc", "pgd_images", "autoattack_acc", "transfer_asr",
-           "checks_passed", "train_seconds", "train_passes", "experiment", "rev", "from_file"]
+           "checks_passed", "train_seconds", "train_passes", "stopped_early", "experiment", "rev", "from_file"]
 
 
 def collect(root: Path, pipeline: Path, all_baselines: bool = False) -> list[dict]:
@@ -515,10 +525,14 @@ def markdown(rows: list[dict], cross: dict, runs: list[dict]) -> str:
                 vals.append("")
                 continue
             aa = f" ({pct(r['autoattack_acc'])})" if r.get("autoattack_acc") is not None else ""
-            vals.append(pct(r["pgd_acc"]) + aa)
+            vals.append(pct(r["pgd_acc"]) + aa + (" *" if r.get("stopped_early") else ""))
         secs = ", ".join("-" if cell.get((m, s)) is None or cell[(m, s)].get("train_seconds") is None
                          else f"{cell[(m, s)]['train_seconds']:.0f}" for s in shots)
         lines.append(f"| {m} | {first['method']} | " + " | ".join(vals) + f" | {secs} |")
+    stopped = [r for r in rows if r.get("stopped_early")]
+    if stopped:
+        lines += ["", "\\* stopped early, evaluated on the weights it stopped with: "
+                  + "; ".join(f"{r['model']} at {r['shots']} shots: {r['stopped_early']}" for r in stopped)]
     lines += ["", "## Where transfer stops beating target adversarial training (PGD)", ""]
     for lv in cross["levels"]:
         verdict = {"tie": f"a tie within the noise (+-{pct(lv['margin'])} points)", "transfer": "transfer wins",

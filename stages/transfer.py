@@ -47,10 +47,15 @@ def main(args, params) -> None:
             "pgd_acc": evaluation.pgd_accuracy(net, x[:n], y[:n], threat),
             "pgd_images": min(n, len(y)), "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": result.seconds, "train_passes": result.passes,
+            "stopped_early": result.stopped_early,
         }
         print(f"transfer {args.model} ({method} from {options['source']}): clean {metrics['clean_acc']:.3f}, "
-              f"PGD-{threat.eval_steps} {metrics['pgd_acc']:.3f} in {result.seconds:.1f}s, {result.passes:.0f} passes")
+              f"PGD-{threat.eval_steps} {metrics['pgd_acc']:.3f} in {result.seconds:.1f}s, {result.passes:.0f} passes"
+              + (f"; stopped early: {result.stopped_early}" if result.stopped_early else ""))
         import mlflow
+
+        if result.stopped_early:
+            mlflow.set_tag("stopped_early", result.stopped_early)
 
         tracking.log_history(result.history)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

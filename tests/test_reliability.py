@@ -523,6 +523,29 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(r
                                        if v.dtype.is_floating_point)
 
 
+def test_nan_loss_with_rollback_ends_on_the_weights_of_the_last_validated_epoch(ray_runtime, tmp_path,
+                                                                                   monkeypatch):
+    """on_nonfinite: rollback (a sweep's setting): the same NaN at epoch 2 ends the job as stopped early on
+    epoch 1's weights, exactly those of epoch 1's checkpoint; before any validated epoch it still fails."""
+    monkeypatch.setenv("RT_NAN_AT_STEP", str(2 * _steps_per_epoch() + 1))  # epoch 2, step 1
+    job = _job("nan-rollback")
+    job["train"]["on_nonfinite"] = "rollback"
+    cfg = RayConfig(num_workers=1, cpus_per_worker=1, max_failures=1, checkpoint_every_s=0)
+    result = engine.fit(job, cfg, tmp_path, "nan-rollback")
+    assert result.stopped_early == ("loss became nan at epoch 2 step 1; rolled back to the weights of epoch 1 "
+                                    "(the last validated)")
+    assert [row["epoch"] for row in result.history] == [0, 1] and "val_pgd_acc" in result.history[-1]
+    [run] = list(tmp_path.glob("nan-rollback-*"))
+    states = [torch.load(c / "state.pt", weights_only=True) for c in sorted(run.glob("checkpoint_*")) if c.is_dir()]
+    assert [s_["epoch"] for s_ in states] == [1, 1]  # epoch 1's own checkpoint, and the rolled-back end
+    for key, value in states[0]["net"].items():
+        assert torch.equal(value, result.state[key]), key
+
+    monkeypatch.setenv("RT_NAN_AT_STEP", "1")  # epoch 0, step 1: nothing validated yet to roll back to
+    with pytest.raises(ConfigError, match="no epoch had been validated to roll back to"):
+        engine.fit(job, cfg, tmp_path, "nan-rollback-early")
+
+
 # ============================================================================= a killed stage resumes
 def _history(root: Path) -> list[dict]:
     with open(root / "plots" / "pretrain_robust.csv") as f:

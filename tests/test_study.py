@@ -48,6 +48,7 @@ def test_every_level_of_every_method_passes_the_stages_validation(shots):
     params = study.check_level(STUDY_PARAMS, lv)  # load_all, as every stage runs it
     assert params["data"]["shots"] == shots and 1 <= params["data"]["val_shots"] < shots
     assert params["transfer"]["models"] == STUDY_PARAMS["transfer"]["models"]  # every method
+    assert params["transfer"]["train"]["on_nonfinite"] == "rollback"  # a diverged model does not stop its level
     assert not lv.deletes
 
 
@@ -197,9 +198,10 @@ def test_collect_reads_the_experiments_commits(tmp_path, monkeypatch):
                  "train_passes": 800.0}]
         if with_summary:
             files[f"{pipe}/metrics/summary.json"] = json.dumps(rows)
-        else:
-            for name, row in zip(models, rows):
-                files[f"{pipe}/metrics/transfer_{name}.json"] = json.dumps(row)
+        else:  # the level's LwF diverged and was rolled back (transfer.train.on_nonfinite: rollback)
+            rows[0]["stopped_early"] = "loss became nan at epoch 3 step 0; rolled back to the weights of epoch 1"
+        for name, row in zip(models, rows):
+            files[f"{pipe}/metrics/transfer_{name}.json"] = json.dumps(row)
         return files
 
     for shots, lwf, at, summary in ((20, 0.629, 0.349, True), (200, 0.259, 0.746, False)):
@@ -214,6 +216,8 @@ def test_collect_reads_the_experiments_commits(tmp_path, monkeypatch):
     assert got[(20, "lwf")]["pgd_acc"] == 0.629 and got[(20, "lwf")]["autoattack_acc"] == pytest.approx(0.579)
     assert got[(200, "lwf")]["autoattack_acc"] is None  # from transfer_lwf.json: no AutoAttack there
     assert got[(200, "lwf")]["epochs"] == study.epochs_for(200, 5, 32, 120) == 4
+    assert got[(200, "lwf")]["stopped_early"].startswith("loss became nan")
+    assert got[(20, "lwf")]["stopped_early"] is None and got[(200, "target_at_scratch")]["stopped_early"] is None
 
     study.summarise(root, study.PIPELINE, False, [{"shots": 20, "experiment": "de-shots-20", "seconds": 60.0,
                                                    "returncode": 0}])
@@ -222,7 +226,10 @@ def test_collect_reads_the_experiments_commits(tmp_path, monkeypatch):
     table = list(csv.DictReader((out / "efficiency.csv").open()))
     assert len(table) == 4 and {r["model"] for r in table} == set(models)
     assert json.loads((out / "crossover.json").read_text())["target_at_from_shots"] == 200
-    assert "from **200 shots per class** on" in (out / "efficiency.md").read_text()
+    md = (out / "efficiency.md").read_text()
+    assert "from **200 shots per class** on" in md
+    assert "| lwf | lwf | 62.9 (57.9) | 25.9 * |" in md
+    assert "lwf at 200 shots: loss became nan at epoch 3 step 0; rolled back to the weights of epoch 1" in md
     # a later run's levels join the wall-time table; a level run again replaces its row
     study.summarise(root, study.PIPELINE, False, [{"shots": 200, "experiment": "de-shots-200", "seconds": 90.0,
                                                    "returncode": 0},
