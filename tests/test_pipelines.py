@@ -85,3 +85,26 @@ def test_bytecode_caches_are_not_part_of_the_code_dependencies():
                           capture_output=True, text=True)
     ignored = {line.split("\t")[-1] for line in proc.stdout.splitlines() if not line.startswith("::")}
     assert ignored == set(paths[:2]), proc.stdout + proc.stderr
+
+
+def test_a_stage_ends_after_its_threads_and_exit_hooks_with_its_output_flushed(tmp_path):
+    """Stages leave through `_common._exit_now` (no interpreter teardown): what a normal exit does for
+    them must still happen: non-daemon threads finish, then the exit hooks run, and stdout is flushed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, threading, time\n"
+        "from pathlib import Path\n"
+        "from stages._common import run\n"
+        "def main(args, params):\n"
+        "    out = Path(args.out)\n"
+        "    atexit.register(lambda: out.write_text(out.read_text() + 'hook;'))\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.3), out.write_text('thread;'))).start()\n"
+        "    print('done', end='')\n"
+        "run(main, lambda p: p.add_argument('out'))\n")
+    out = tmp_path / "order.txt"
+    proc = subprocess.run([sys.executable, "-c", script, "--params", str(REPO / "pipelines" / "smoke" / "params.yaml"),
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done" and out.read_text() == "thread;hook;"
