@@ -56,12 +56,19 @@ def pgd_correct(net, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: fl
 
 
 def pgd_accuracy(net, x: torch.Tensor, y: torch.Tensor, threat: ThreatConfig, eps: float | None = None,
-                 steps: int | None = None, restarts: int | None = None, batch_size: int = 500) -> float:
-    """Accuracy under PGD (random start, `restarts` restarts, worst case per example)."""
+                 steps: int | None = None, restarts: int | None = None, batch_size: int = 500,
+                 seed: int | None = None) -> float:
+    """Accuracy under PGD (random start, `restarts` restarts, worst case per example). With `seed`, the
+    random starts come from a generator seeded with it (the caller's is left as it was): the same
+    model then gets the same number, as a stage's metric must when `dvc repro -f` runs it again."""
     eps = threat.eps if eps is None else eps
     step = threat.step_size * eps / threat.eps  # the step scales with eps: eps/4 at the nominal one
-    correct = pgd_correct(net, x, y, eps, step, steps or threat.eval_steps, threat.norm,
-                          restarts or threat.restarts, batch_size)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        correct = pgd_correct(net, x, y, eps, step, steps or threat.eval_steps, threat.norm,
+                              restarts or threat.restarts, batch_size)
     return correct.float().mean().item() if len(y) else float("nan")
 
 

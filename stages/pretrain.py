@@ -49,7 +49,7 @@ def main(args, params) -> None:
         x, y = read_image_table(tables["source_test"]).tensors()
         metrics = {
             "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat),
+            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat, seed=cfg.seed),
             "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": result.seconds, "train_passes": result.passes,
             "stopped_early": result.stopped_early,
@@ -102,7 +102,7 @@ def from_registry(source: str, uri: str, params: dict) -> None:
         tags = version.tags
         metrics = {
             "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat),
+            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat, seed=data_cfg.seed),
             "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": json.loads(tags.get("train_seconds", "null")),
             "train_passes": json.loads(tags.get("train_passes", "null")),

@@ -44,7 +44,7 @@ def main(args, params) -> None:
         metrics = {
             "method": method, "source": root_source, "shots": data_cfg.shots,
             "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x[:n], y[:n], threat),
+            "pgd_acc": evaluation.pgd_accuracy(net, x[:n], y[:n], threat, seed=cfg.seed),
             "pgd_images": min(n, len(y)), "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": result.seconds, "train_passes": result.passes,
             "stopped_early": result.stopped_early,

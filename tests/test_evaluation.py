@@ -128,6 +128,22 @@ def test_autoattack_is_not_above_pgd_on_the_same_images():
     assert 0 < aa["acc"], "a robust model keeps some accuracy at eps 0.1 on digits"
 
 
+def test_a_seeded_pgd_accuracy_repeats_and_leaves_the_callers_generator_alone():
+    """The stages' own PGD checks pass a seed: the same model gets the same metric on a re-run (unseeded,
+    the random starts differ and so may the number), and the caller's random stream is not consumed."""
+    net = natural_net()
+    x, y = _eval_images(200)
+    weak = ThreatConfig(norm="Linf", eps=0.1, step_size=0.025, eval_steps=2)  # few steps: the start matters
+    torch.manual_seed(123)
+    first = evaluation.pgd_accuracy(net, x, y, weak, eps=0.05, seed=7)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert evaluation.pgd_accuracy(net, x, y, weak, eps=0.05, seed=7) == first
+    assert torch.equal(torch.rand(1), after)  # as if the seeded check had not run
+    unseeded = {evaluation.pgd_accuracy(net, x, y, weak, eps=0.05) for _ in range(5)}
+    assert len(unseeded) > 1  # so the seed is what makes the first two equal
+
+
 def test_autoattack_selection_takes_the_best_by_pgd_and_the_named_ones():
     ranking = {"a": 0.3, "b": 0.5, "c": 0.5, "d": 0.1}
     assert evaluation.autoattack_selection(ranking, 2, []) == ["b", "c"]
