@@ -411,9 +411,11 @@ def train_loop_per_worker(job: dict) -> None:
 
 def _snapshot(module, swa_net, state: dict) -> dict:
     """The weights (and SWA average) of the epoch just validated, for on_nonfinite: rollback."""
-    copy_ = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
-    return {"epoch": state["epoch"], "rows": len(state["history"]), "module": copy_(module.state_dict()),
-            "swa": copy_(swa_net.state_dict()) if swa_net is not None else None}
+    def copied(state_dict):
+        return {k: v.detach().clone() for k, v in state_dict.items()}
+
+    return {"epoch": state["epoch"], "rows": len(state["history"]), "module": copied(module.state_dict()),
+            "swa": copied(swa_net.state_dict()) if swa_net is not None else None}
 
 
 def _restore(good: dict, module, swa_net, state: dict):

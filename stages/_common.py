@@ -38,7 +38,7 @@ def _exit_now() -> None:
         import ray
 
         if ray.is_initialized():
-            ray.shutdown()  # called here, not by its exit hook, it skips the hook's sleep
+            ray.shutdown()  # called here rather than from Ray's exit hook, it does not sleep
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
