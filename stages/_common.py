@@ -31,9 +31,9 @@ def _exit_now() -> None:
     Ray's exit hook sleeps 0.5 s for late worker logs (a stage's Ray Train job has ended and been read
     by now), and freeing torch's, Ray's and MLflow's modules took ~1.5 s more: ~2 s of each of the ~30
     stages of a `dvc repro` spent after its work was done."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does first at exit: the threading module's exit callbacks (they tell idle
+    # ThreadPoolExecutor workers to stop, as MLflow's leave them), then it joins the non-daemon threads.
+    threading._shutdown()
     if "ray" in sys.modules:
         import ray
 

@@ -89,18 +89,21 @@ def test_bytecode_caches_are_not_part_of_the_code_dependencies():
 
 def test_a_stage_ends_after_its_threads_and_exit_hooks_with_its_output_flushed(tmp_path):
     """Stages leave through `_common._exit_now` (no interpreter teardown): what a normal exit does for
-    them must still happen: non-daemon threads finish, then the exit hooks run, and stdout is flushed."""
+    them must still happen: non-daemon threads finish (an idle thread pool left open is told to stop),
+    then the exit hooks run, and stdout is flushed."""
     import subprocess
     import sys
 
     script = (
-        "import atexit, threading, time\n"
+        "import atexit, concurrent.futures, threading, time\n"
         "from pathlib import Path\n"
         "from stages._common import run\n"
         "def main(args, params):\n"
         "    out = Path(args.out)\n"
         "    atexit.register(lambda: out.write_text(out.read_text() + 'hook;'))\n"
         "    threading.Thread(target=lambda: (time.sleep(0.3), out.write_text('thread;'))).start()\n"
+        "    main.pool = concurrent.futures.ThreadPoolExecutor(1)  # an idle pool left open, as MLflow's are\n"
+        "    main.pool.submit(int)\n"
         "    print('done', end='')\n"
         "run(main, lambda p: p.add_argument('out'))\n")
     out = tmp_path / "order.txt"
