@@ -136,7 +136,9 @@ def test_tune_and_transfer_run_on_a_two_node_cluster(smoke_project, two_node_clu
         pids[stage[0]] = proc.pid
 
     trials = pq.read_table(pipeline / "tune/trials.parquet").to_pylist()
-    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials), trials
+    # ASHA may stop the worse trial at a rung (trials report at the rungs, so both reach it together)
+    assert len(trials) == 2 and all(t["status"] in ("completed", "stopped") and t["error"] is None
+                                    for t in trials), trials
     assert {t["node_id"] for t in trials} == nodes  # one trial on each node
     tuned = yaml.safe_load((pipeline / "tuned.yaml").read_text())
     assert tuned["lwf"]["lam"] in {t["lam"] for t in trials}
