@@ -44,6 +44,17 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     return (x + delta).clamp_(0.0, 1.0) - x
 
 
+@contextlib.contextmanager
+def own_random_stream(device: torch.device, seed: Optional[int] = None):
+    """Random starts drawn inside come from a fork of the global generator (seeded with `seed` when
+    given), so the caller's random stream is left as it was: a check run between training steps does
+    not change the training, and a seeded check gives the same number every time."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "Linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)

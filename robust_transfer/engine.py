@@ -502,9 +502,9 @@ def _validate(plan: Plan, x, y) -> dict:
     net.eval()
     out = {"val_clean_acc": _clean_acc(net, x, y)}
     xs, ys = x[:VAL_PGD_IMAGES], y[:VAL_PGD_IMAGES]  # a quick PGD check on a fixed slice: the trend, not the final number
-    # PGD's random start draws from the global generator: on a fork of it, so that how often a job
-    # validates (val_every, a Tune trial's rungs) leaves its training, and its weights, unchanged.
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    # PGD's random start on a stream of its own: how often a job validates (val_every, a Tune trial's
+    # rungs) leaves its training, and its weights, unchanged.
+    with attacks.own_random_stream(x.device):
         x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
     with torch.no_grad():  # robust = right on the clean image and on its attack (a weak attack can
         # land a misclassified image on the right side, which must not count)

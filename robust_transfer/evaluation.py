@@ -7,6 +7,7 @@ in its own eps-ball, so it counts as broken), which saves work and changes no nu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Optional
@@ -63,10 +64,7 @@ def pgd_accuracy(net, x: torch.Tensor, y: torch.Tensor, threat: ThreatConfig, ep
     model then gets the same number, as a stage's metric must when `dvc repro -f` runs it again."""
     eps = threat.eps if eps is None else eps
     step = threat.step_size * eps / threat.eps  # the step scales with eps: eps/4 at the nominal one
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with attacks.own_random_stream(x.device, seed) if seed is not None else contextlib.nullcontext():
         correct = pgd_correct(net, x, y, eps, step, steps or threat.eval_steps, threat.norm,
                               restarts or threat.restarts, batch_size)
     return correct.float().mean().item() if len(y) else float("nan")
