@@ -141,7 +141,7 @@ def pretrain_job(paths: dict, objective: str, epochs: int, name: str = "bench", 
     from robust_transfer.config import ThreatConfig, TrainConfig, build, method_options
 
     cfg = build(TrainConfig, {"arch": "small_cnn", "width": 1, "batch_size": 128, "lr": 0.1,
-                              "schedule": "onecycle", "epochs": epochs, **train}, name)
+                              "schedule": "onecycle", "amp": True, "epochs": epochs, **train}, name)
     threat = ThreatConfig()  # Linf, eps 0.1, step eps/4, 7 training steps: params.yaml's defaults
     return {"name": name, "kind": "pretrain", "method": objective, "options": method_options(objective, {}, name),
             "train": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),

@@ -174,13 +174,14 @@ class BareLoop:
         self.plan = build_plan(job, device)
         cfg = self.plan.train_cfg
         torch.manual_seed(cfg.seed)
-        self.module = engine.TrainModule(self.plan).to(device)
+        self.module = engine.TrainModule(self.plan).to(device, memory_format=torch.channels_last)  # as the engine
         self.opt = engine._optimizer(list(self.plan.params), cfg)
         self.n = len(self.plan.train["y"])
         self.steps = math.ceil(self.n / cfg.batch_size)
         self.sched = engine._schedule(self.opt, cfg, self.steps)
-        self.data = {k: v.to(device) for k, v in self.plan.train.items()}
+        self.data = {k: engine._nhwc(v.to(device)) for k, v in self.plan.train.items()}
         self.batch_size, self.device = cfg.batch_size, device
+        self.autocast = lambda: engine.training_autocast(cfg.amp, torch.device(device))
 
     def epoch(self) -> float:
         import torch
@@ -190,7 +191,8 @@ class BareLoop:
         order = torch.randperm(self.n, device=self.device)
         for i in range(self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            loss, _, _ = self.module({k: v[idx] for k, v in self.data.items()})
+            with self.autocast():
+                loss, _, _ = self.module({k: v[idx] for k, v in self.data.items()})
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -137,7 +137,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle | cosine | constant
     augment: bool = False  # random crop + flip (CIFAR-like data only)
-    amp: bool = False  # bf16 autocast of each training step on CUDA workers (ignored on the CPU)
+    amp: bool = False  # bf16 autocast of each training step where the device computes in bf16 (engine.native_bf16)
     val_every: int = 1  # epochs between validations (the history's val_* columns); the last epoch always
     # A NaN/inf loss: `stop` fails the job (nothing is handed on); `rollback` ends it on the weights of
     # the last validated epoch, as stopped early with the reason (a sweep goes on without that model's end).

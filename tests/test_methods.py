@@ -56,8 +56,9 @@ def _job(files, method, epochs=2, **options):
 
 def _steps(plan, epochs: int, batch_size: int = 10) -> None:
     """The engine's inner loop (engine.train_loop_per_worker) without Ray: train mode with frozen BN
-    in eval mode, the plan's objective through TrainModule, optimiser step, then `after_step`."""
-    module = engine.TrainModule(plan)
+    in eval mode, the plan's objective through TrainModule, optimiser step, then `after_step`; weights
+    and image batches channels-last, as the engine keeps them."""
+    module = engine.TrainModule(plan).to(memory_format=torch.channels_last)
     params = list(plan.params)
     aux = list(plan.ctx.aux.parameters())
     if aux:
@@ -72,7 +73,7 @@ def _steps(plan, epochs: int, batch_size: int = 10) -> None:
             bn.eval()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, n, batch_size):
-            batch = {k: v[order[i:i + batch_size]] for k, v in plan.train.items()}
+            batch = {k: engine._nhwc(v[order[i:i + batch_size]]) for k, v in plan.train.items()}
             loss, _, _ = module(batch)
             opt.zero_grad()
             loss.backward()
@@ -215,7 +216,7 @@ def test_cartl_keeps_spectral_norms_at_beta_and_the_frozen_part_fixed(files, bet
              if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(tuned) == 3  # conv4's conv, fc's linear, the head
     for m in tuned:
-        sigma = torch.linalg.matrix_norm(m.weight.detach().view(m.weight.shape[0], -1), ord=2).item()
+        sigma = torch.linalg.matrix_norm(m.weight.detach().reshape(m.weight.shape[0], -1), ord=2).item()
         # power iteration run to convergence after every step: the bound holds to within 1 %
         assert sigma <= beta * 1.01, (m, sigma)
         if beta < 1:
@@ -292,3 +293,27 @@ def test_unknown_method_is_refused(files):
     job["method"] = "magic"
     with pytest.raises(ConfigError, match="unknown method 'magic'"):
         build_plan(job, "cpu")
+
+
+# ----------------------------------------------------------------------------- amp
+def test_amp_runs_the_training_step_in_bf16_only_where_the_device_computes_in_bf16(files, monkeypatch):
+    """`train.amp` on the CPU: bf16 where the CPU has bf16 units (this machine's AMX), fp32 elsewhere
+    (emulated bf16 is slower than fp32); the step still trains, in either case, with fp32 weights."""
+    plan = build_plan(_job(files, "target_at", init="source"), "cpu")
+    module = engine.TrainModule(plan).to(memory_format=torch.channels_last)
+    batch = {k: engine._nhwc(v[:10]) for k, v in plan.train.items()}
+    cpu = torch.device("cpu")
+    dtypes = []
+    plan.net.head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    for native in (True, False):
+        monkeypatch.setattr(engine, "native_bf16", lambda device, native=native: native)
+        with engine.training_autocast(True, cpu):
+            loss, _, _ = module(batch)
+        loss.backward()
+        assert torch.isfinite(loss) and all(p.grad.dtype == torch.float32 for p in plan.net.parameters() if p.grad is not None)
+        with engine.training_autocast(False, cpu):
+            module(batch)
+    # each call: the attack's train_steps forwards and the training forward; in bf16 only with amp on
+    # bf16 units (the first of the four calls), fp32 without them or without amp
+    per_call = THREAT.train_steps + 1
+    assert dtypes == [torch.bfloat16] * per_call + [torch.float32] * 3 * per_call

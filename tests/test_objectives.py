@@ -194,12 +194,15 @@ def test_nfd_distance_uses_every_projected_stage(batch):
 
 
 @pytest.mark.parametrize("beta", [0.4, 1.0])
-def test_spectral_normalisation_bounds_every_weight(beta):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_spectral_normalisation_bounds_every_weight(beta, layout):
     """Power iteration underestimates sigma, so the bound holds up to the estimate's error: converged
     on a weight's first projection, then one iteration per step with a persistent vector (as CARTL
-    does) keeps it small while the weights move by optimiser-sized steps."""
+    does) keeps it small while the weights move by optimiser-sized steps. The engine trains with
+    channels-last convolution weights: the bound is on the same matrix in either layout."""
     torch.manual_seed(0)
     layers = [nn.Conv2d(8, 16, 3), nn.Linear(20, 10), nn.Conv2d(3, 4, 1), nn.Linear(128, 5), nn.Conv2d(32, 64, 3)]
+    layers = [m.to(memory_format=layout) for m in layers]
     with torch.no_grad():
         for m in layers:
             m.weight.mul_(5.0)
@@ -210,7 +213,7 @@ def test_spectral_normalisation_bounds_every_weight(beta):
             for m in layers:  # an optimiser-sized step: 2% of the weights' scale
                 m.weight.add_(0.02 * m.weight.abs().mean() * torch.randn_like(m.weight))
         spectral_normalize_(layers, beta, state, power_iters=1)
-        sigmas.append([torch.linalg.matrix_norm(m.weight.view(m.weight.shape[0], -1), ord=2).item()
+        sigmas.append([torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1), ord=2).item()
                        for m in layers])
     for step, row in enumerate(sigmas):
         assert all(beta * 0.98 <= sigma <= beta * 1.02 for sigma in row), (step, row)
