@@ -138,6 +138,58 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, s
     return pgd_loss(ce_loss(attack_view(model), y), x, eps, step_size, steps, norm, rand_init, restarts, success)
 
 
+def pgd_until_fooled(model, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+                     norm: str = "Linf", rand_init: bool = True, restarts: int = 1) -> torch.Tensor:
+    """`pgd` for measuring robust accuracy: an image leaves the attack at the first iterate the model
+    misclassifies (a point of the threat model, so the image is broken whatever later steps would
+    do), and a restart attacks only the images no earlier restart fooled. It finds every image `pgd`
+    breaks at its final iterate and those it fools on the way and then loses, in fewer passes the
+    more images break early (large eps, weak models, restarts). Fooling is judged by the model
+    itself; its fast copy (attack_view) only proposes. Images never fooled end on the final iterate
+    of the restart with the highest loss."""
+    view = attack_view(model)
+    x = x.detach()
+    out = x.clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+    for _ in range(restarts):
+        idx = (~fooled).nonzero().flatten()
+        if len(idx) == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        bounds = _linf_bounds(xs, eps) if norm == "Linf" else None
+        xa = xs + random_start(xs, eps, norm) if rand_init else xs.clone()
+        xa = xa.clamp_(*bounds) if bounds is not None else xa.clamp_(0.0, 1.0)
+        for step in range(steps + 1):
+            last = step == steps
+            xa.requires_grad_(not last)
+            with torch.enable_grad() if not last else torch.no_grad():
+                logits = view(xa)
+            hit = logits.detach().argmax(1) != ys
+            if hit.any():
+                with torch.no_grad():  # confirmed by the model, not its copy
+                    cand = hit.nonzero().flatten()
+                    cand = cand[model(xa[cand].detach()).argmax(1) != ys[cand]]
+                out[idx[cand]], fooled[idx[cand]] = xa[cand].detach(), True
+                hit = torch.zeros_like(hit)
+                hit[cand] = True
+            if last:
+                loss = F.cross_entropy(logits.float(), ys, reduction="none")
+                take = ~hit & (loss > best_loss[idx])
+                out[idx[take]], best_loss[idx[take]] = xa[take].detach(), loss[take]
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, ys, reduction="sum"), xa)
+            keep = ~hit
+            xa = _ascend(xa.detach()[keep], xs[keep], grad[keep], step_size, eps, norm,
+                         tuple(b[keep] for b in bounds) if bounds is not None else None)
+            idx, xs, ys = idx[keep], xs[keep], ys[keep]
+            if bounds is not None:
+                bounds = tuple(b[keep] for b in bounds)
+            if len(idx) == 0:
+                break
+    return out
+
+
 def fgsm(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
          rand_init: bool = False, step_size: Optional[float] = None) -> torch.Tensor:
     """One gradient step: FGSM (Goodfellow et al.), or FGSM-RS (Wong et al.) with a random start and

@@ -3,7 +3,9 @@
 Every attack runs with the model in eval mode on raw [0, 1] images (normalisation is inside the
 model), in batches, on whatever device the model is on. Robust accuracy is counted over all
 evaluated images: an image the model already misclassifies is not attacked (the clean image lies
-in its own eps-ball, so it counts as broken), which saves work and changes no number.
+in its own eps-ball, so it counts as broken), which saves work and changes no number. For the same
+reason PGD stops on an image at the first iterate that fools the model: on the default models that
+cut the PGD checks' time 1.3-6x and never raised a robust accuracy.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> fl
 
 def pgd_correct(net, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int, norm: str,
                 restarts: int = 1, batch_size: int = 500) -> torch.Tensor:
-    """Per image: is it still classified correctly under PGD (random start, worst of `restarts`)?"""
+    """Per image: is it still classified correctly under PGD (random start, worst of `restarts`)? An
+    image counts as broken at the first iterate that fools the model (attacks.pgd_until_fooled)."""
     net.eval()
     correct = predict(net, x, batch_size) == y
     if eps == 0:
@@ -50,7 +53,7 @@ def pgd_correct(net, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: fl
     for i in range(0, len(todo), batch_size):
         idx = todo[i:i + batch_size]
         xb, yb = x[idx].to(dev), y[idx].to(dev)
-        x_adv = attacks.pgd(net, xb, yb, eps, step_size, steps, norm, restarts=restarts)
+        x_adv = attacks.pgd_until_fooled(net, xb, yb, eps, step_size, steps, norm, restarts=restarts)
         with torch.no_grad():
             correct[idx] = (net(x_adv).argmax(1) == yb).cpu()
     return correct
