@@ -1,6 +1,6 @@
-"""evaluate: the honest robustness numbers of one transferred model (a `transfer.models` entry).
+"""evaluate: the honest robustness numbers of every transferred model (the keys of `transfer.models`).
 
-outs: metrics/evaluate_<name>.json, plots/curve_<name>.csv, plots/curve_<name>.png
+outs: metrics/evaluate/<name>.json, plots/evaluate/<name>.csv and <name>.png, for each model
 Clean accuracy on the whole target test set; on `evaluate.images` of its images a PGD curve over an
 eps grid, PGD at the nominal eps, the transfer attack from the public source model and the
 gradient-masking checks; AutoAttack on the models the rule below selects. One MLflow run per model,
@@ -8,10 +8,11 @@ tagged with the checks' verdict.
 
 Which models get AutoAttack: the best `evaluate.autoattack_top` of all transferred models by the
 PGD accuracy their transfer stage measured (metrics/transfer_<m>.json, on transfer.eval_size
-images; ties by name), plus every model in `evaluate.autoattack_models`. Each evaluate stage is its
-own process, so it reads every model's transfer metrics; the stage depends on models/ (written
-together with those metrics by the transfer stages) so it runs after all of them, and all evaluate
-stages re-run when any model changes, since the selection may change with it.
+images; ties by name), plus every model in `evaluate.autoattack_models`. Every model's evaluation
+thus depends on all models, so one stage evaluates them all, one after the other in one process:
+it depends on models/ (written with those metrics by the transfer stages), and one process pays the
+start-up (Python, torch, MLflow, matplotlib: ~3-4 s on 2 cores) once rather than once per model.
+`python -m stages.evaluate lwf finetune` evaluates only the models named (by hand; DVC runs all).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayCo
 from robust_transfer.data import read_image_table, verify_card, write_json
 from robust_transfer.nets import load_model
 from stages._common import device_for, run
+
+METRICS = Path("metrics") / "evaluate"  # <model>.json
+PLOTS = Path("plots") / "evaluate"  # <model>.csv (a DVC plot) and <model>.png
 
 
 def transfer_metrics(name: str) -> dict:
@@ -41,50 +45,60 @@ def main(args, params) -> None:
     import torch
 
     models = transfer_entries(params)
-    if args.model not in models:
-        raise ConfigError(f"evaluate: no model '{args.model}' in transfer.models ({', '.join(models)})")
-    method = models[args.model][0]
-    cfg = evaluate_config(params)
-    data_cfg = load_section(DataConfig, params, "data")
-    threat = load_section(ThreatConfig, params, "threat")
-    ml_cfg = load_section(MlflowConfig, params, "mlflow")
-    device = device_for(load_section(RayConfig, params, "ray"))
-    card = verify_card("data/card.json", {"target_test": "data/target_test.parquet"})
-
-    net, extra = load_model(Path("models") / f"{args.model}.pt")
-    own = transfer_metrics(args.model)
+    names = args.models or list(models)
+    unknown = [m for m in names if m not in models]
+    if unknown:
+        raise ConfigError(f"evaluate: no model '{unknown[0]}' in transfer.models ({', '.join(models)})")
+    setup = {"cfg": evaluate_config(params), "data_cfg": load_section(DataConfig, params, "data"),
+             "threat": load_section(ThreatConfig, params, "threat"),
+             "ml_cfg": load_section(MlflowConfig, params, "mlflow"),
+             "device": device_for(load_section(RayConfig, params, "ray")),
+             "card": verify_card("data/card.json", {"target_test": "data/target_test.parquet"})}
+    cfg = setup["cfg"]
+    # Every input is checked before the first attack: a missing model or metrics file stops the stage
+    # at once, not after the models before it have been evaluated.
+    checkpoints = {m: load_model(Path("models") / f"{m}.pt") for m in names}
     ranking = {m: float(transfer_metrics(m).get("pgd_acc", float("nan"))) for m in models}
     ranking = {m: (v if v == v else -1.0) for m, v in ranking.items()}  # NaN ranks last
     selected = evaluation.autoattack_selection(ranking, cfg.autoattack_top, cfg.autoattack_models)
-    run_autoattack = args.model in selected
-    # The public model the attacker holds: the root source (rrm's teacher is itself a transfer model).
-    source_name = extra.get("source") or own.get("source")
-    source_path = Path("models") / f"{source_name}.pt"
-    source, _ = load_model(source_path)
-    net.to(device).eval()
-    source.to(device).eval()
     torch.set_grad_enabled(True)
-
     x_all, y_all = read_image_table("data/target_test.parquet").tensors()
     idx = evaluation.eval_indices(y_all, cfg.images, cfg.seed)
-    x, y = x_all[idx], y_all[idx]
+    test = {"x_all": x_all, "y_all": y_all, "x": x_all[idx], "y": y_all[idx]}
+    for i, name in enumerate(names, 1):
+        print(f"evaluate: model {i} of {len(names)}: {name}", flush=True)
+        net, extra = checkpoints.pop(name)  # each model is freed once evaluated
+        evaluate_one(name, models[name][0], net, extra, test, selected, **setup)
+
+
+def evaluate_one(name: str, method: str, net, extra: dict, test: dict, selected: list[str], cfg, data_cfg, threat,
+                 ml_cfg, device: str, card: dict) -> None:
+    """One model: its numbers, curve, checks and MLflow run."""
+    own = transfer_metrics(name)
+    run_autoattack = name in selected
+    # The public model the attacker holds: the root source (rrm's teacher is itself a transfer model).
+    source_name = extra.get("source") or own.get("source")
+    source, _ = load_model(Path("models") / f"{source_name}.pt")
+    net.to(device).eval()
+    source.to(device).eval()
+    x_all, y_all, x, y = test["x_all"], test["y_all"], test["x"], test["y"]
     n_classes = len(data_cfg.target_classes)
     logits = evaluation.labels_match(data_cfg)
 
     run_params = {"evaluate": dataclasses.asdict(cfg), "threat": dataclasses.asdict(threat),
                   "autoattack_selected": selected, "source_model": source_name}
-    tags = {"model": args.model, "method": method, "source": source_name,
+    tags = {"model": name, "method": method, "source": source_name,
             "model_run_id": extra.get("run_id", ""), "autoattack": str(run_autoattack).lower()}
-    with tracking.deferred_stage_run(ml_cfg, f"evaluate-{args.model}", run_params, card["data_hash"], tags) as deferred:
+    with tracking.deferred_stage_run(ml_cfg, f"evaluate-{name}", run_params, card["data_hash"], tags) as deferred:
         deferred.warm()  # MLflow's set-up runs while the attacks do (PyTorch releases the GIL in its kernels)
         clean_acc = evaluation.accuracy(net, x_all, y_all, cfg.batch_size)
         result = evaluation.evaluate_model(net, x, y, threat, cfg, n_classes, source=source, source_logits=logits,
-                                           run_autoattack=run_autoattack, desc=f"evaluate-{args.model}")
+                                           run_autoattack=run_autoattack, desc=f"evaluate-{name}")
         mlrun = deferred.open()
         import mlflow
         checks_passed = result["checks_passed"]
         metrics = {
-            "model": args.model, "method": method, "source": source_name, "shots": own.get("shots", data_cfg.shots),
+            "model": name, "method": method, "source": source_name, "shots": own.get("shots", data_cfg.shots),
             "clean_acc": clean_acc, "clean_acc_pgd_images": result.pop("clean_acc"),
             **result,
             "autoattack_selected": selected,
@@ -93,7 +107,7 @@ def main(args, params) -> None:
             "eps": threat.eps, "norm": threat.norm, "test_images": len(y_all),
             "model_run_id": extra.get("run_id"), "run_id": mlrun.info.run_id, "data_hash": card["data_hash"],
         }
-        failed = [name for name, c in metrics["checks"].items() if not c["passed"]]
+        failed = [c for c, check in metrics["checks"].items() if not check["passed"]]
         mlflow.set_tag("checks_passed", str(checks_passed).lower())
         if failed:
             mlflow.set_tag("checks_failed", ",".join(failed))
@@ -102,16 +116,16 @@ def main(args, params) -> None:
         for i, point in enumerate(metrics["pgd_curve"]):
             mlflow.log_metric("pgd_curve_acc", point["acc"], step=i)
 
-        curve_csv = Path("plots") / f"curve_{args.model}.csv"
-        curve_png = Path("plots") / f"curve_{args.model}.png"
+        curve_csv = PLOTS / f"{name}.csv"
+        curve_png = PLOTS / f"{name}.png"
         write_curve_csv(metrics["pgd_curve"], curve_csv)
         plot_curve(metrics, curve_png)
-        out = Path("metrics") / f"evaluate_{args.model}.json"
+        out = METRICS / f"{name}.json"
         write_json(metrics, out)
         for path in (out, curve_csv, curve_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
     aa = "not run" if metrics["autoattack_acc"] is None else f"{metrics['autoattack_acc']:.3f}"
-    print(f"evaluate {args.model}: clean {clean_acc:.3f}, PGD-{cfg.steps} {metrics['pgd_acc']:.3f} "
+    print(f"evaluate {name}: clean {clean_acc:.3f}, PGD-{cfg.steps} {metrics['pgd_acc']:.3f} "
           f"(eps {threat.eps}, {len(y)} images), AutoAttack {aa}, transfer ASR {metrics['transfer_asr']:.3f}, "
           f"checks {'passed' if checks_passed else 'FAILED: ' + ', '.join(failed)}; {metrics['seconds']}")
 
@@ -160,4 +174,4 @@ def plot_curve(metrics: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run(main, lambda p: p.add_argument("model", help="a key of transfer.models"))
+    run(main, lambda p: p.add_argument("models", nargs="*", help="keys of transfer.models (default: all)"))

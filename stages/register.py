@@ -1,6 +1,6 @@
 """register: every transferred model (and source) into the MLflow model registry, behind a robustness gate.
 
-deps: models/ (checkpoints), metrics/ (evaluate_<model>.json, pretrain_<source>.json)
+deps: models/ (checkpoints), metrics/ (evaluate/<model>.json, pretrain_<source>.json)
 outs: registry/register.json (what was registered, each gate verdict, the champion)
 
 Each transferred model becomes a version of `register.name` (default "<dataset>-<target classes>-robust"),
@@ -55,11 +55,12 @@ def main(args, params) -> None:
     # Every input is read and checked before the registry is touched.
     jobs = []
     for model in models:
-        metrics = read_metrics(Path("metrics") / f"evaluate_{model}.json", f"evaluate stage for '{model}'")
+        path = Path("metrics") / "evaluate" / f"{model}.json"
+        metrics = read_metrics(path, f"evaluate stage ('{model}' is in transfer.models)")
         if metrics.get("model", model) != model:
-            raise ConfigError(f"metrics/evaluate_{model}.json is about model '{metrics.get('model')}', not '{model}'")
+            raise ConfigError(f"{path} is about model '{metrics.get('model')}', not '{model}'")
         if metrics.get("data_hash") not in (None, card["data_hash"]):
-            raise ConfigError(f"metrics/evaluate_{model}.json was measured on other data (data_hash differs from "
+            raise ConfigError(f"{path} was measured on other data (data_hash differs from "
                               f"data/card.json); re-run the evaluate stage")
         path = Path("models") / f"{model}.pt"
         net, extra = load_model(path)

@@ -2,9 +2,7 @@
 
 outs: reports/report.md, reports/curves.png, reports/tradeoff.png, reports/curves.csv (all PGD curves
 in one table, a DVC plot), metrics/summary.json (one object per model, the keys in SUMMARY_KEYS)
-Reads metrics/evaluate_<m>.json for every key of transfer.models. It depends on plots/, where every
-evaluate stage writes its curve (DVC cannot list one dependency per model of a params-driven
-foreach, and metrics/ holds this stage's own summary.json), so it runs after all of them.
+Reads metrics/evaluate/<m>.json (the evaluate stage's) for every key of transfer.models.
 """
 from __future__ import annotations
 
@@ -23,9 +21,9 @@ SUMMARY_KEYS = ("method", "source", "shots", "clean_acc", "pgd_acc", "autoattack
 def load_evaluations(names: list[str]) -> dict[str, dict]:
     out = {}
     for name in names:
-        path = Path("metrics") / f"evaluate_{name}.json"
+        path = Path("metrics") / "evaluate" / f"{name}.json"
         if not path.is_file():
-            raise ConfigError(f"missing {path}; run the evaluate stage for '{name}' first")
+            raise ConfigError(f"missing {path}; run the evaluate stage ('{name}' is in transfer.models)")
         try:
             out[name] = json.loads(path.read_text())
         except json.JSONDecodeError:

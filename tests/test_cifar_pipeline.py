@@ -157,10 +157,10 @@ def test_cifar100_to_cifar10_pipeline_runs_end_to_end_on_the_cpu(tmp_path):
     summary = json.loads((out / "metrics/summary.json").read_text())
     assert {row["method"] for row in summary} == {m["method"] for m in real["transfer"]["models"].values()}
     for name in one_model_per_method(json.loads(json.dumps(real)))["transfer"]["models"]:
-        ev = json.loads((out / f"metrics/evaluate_{name}.json").read_text())
+        ev = json.loads((out / f"metrics/evaluate/{name}.json").read_text())
         assert 0.0 <= ev["pgd_acc"] <= 1.0 and 0.0 <= ev["clean_acc"] <= 1.0
         assert math.isclose(ev["eps"], 8 / 255) and ev["train_passes"] > 0
         net, _ = load_model(out / f"models/{name}.pt")
         assert net.head.out_features == 10
-    lwf = json.loads((out / "metrics/evaluate_lwf.json").read_text())
+    lwf = json.loads((out / "metrics/evaluate/lwf.json").read_text())
     assert lwf["autoattack_acc"] is not None

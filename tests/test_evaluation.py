@@ -210,7 +210,7 @@ def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
     ranking = {m: json.loads((smoke_project / f"metrics/transfer_{m}.json").read_text())["pgd_acc"] for m in models}
     selected = evaluation.autoattack_selection(ranking, cfg.autoattack_top, cfg.autoattack_models)
     for name, entry in models.items():
-        ev = json.loads((smoke_project / f"metrics/evaluate_{name}.json").read_text())
+        ev = json.loads((smoke_project / f"metrics/evaluate/{name}.json").read_text())
         assert ev["model"] == name and ev["method"] == entry["method"]
         for key in ("clean_acc", "pgd_acc", "transfer_asr"):
             assert 0 <= ev[key] <= 1, (name, key, ev[key])
@@ -225,8 +225,8 @@ def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
                                                                           cfg.eps_grid)
         assert ev["run_id"] and ev["model_run_id"] and ev["data_hash"]
         assert ev["train_seconds"] > 0 and ev["train_passes"] > 0
-        assert (smoke_project / f"plots/curve_{name}.png").stat().st_size > 0
-        rows = (smoke_project / f"plots/curve_{name}.csv").read_text().splitlines()
+        assert (smoke_project / f"plots/evaluate/{name}.png").stat().st_size > 0
+        rows = (smoke_project / f"plots/evaluate/{name}.csv").read_text().splitlines()
         assert rows[0] == "eps,acc" and len(rows) == len(ev["pgd_curve"]) + 1
     summary = json.loads((smoke_project / "metrics/summary.json").read_text())
     assert isinstance(summary, list) and len(summary) == len(models)
@@ -237,6 +237,22 @@ def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
         assert (smoke_project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_refuses_an_unknown_model_in_one_line_and_keeps_the_outputs(smoke_project):
+    """The evaluate stage evaluates every model in one process; by hand it takes model names, and a
+    wrong one stops it before any work, naming it, with the earlier outputs left as they were."""
+    import subprocess
+
+    from conftest import BIN, project_env
+
+    outputs = sorted((smoke_project / "metrics/evaluate").iterdir()) + sorted((smoke_project / "plots/evaluate").iterdir())
+    before = {p: p.read_bytes() for p in outputs}
+    proc = subprocess.run([str(BIN / "python"), "-m", "stages.evaluate", "lwf", "nosuch"], cwd=smoke_project,
+                          env=project_env(smoke_project.parents[1]), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: evaluate: no model 'nosuch' in transfer.models (")
+    assert {p: p.read_bytes() for p in outputs} == before
+
+
 def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
     import mlflow
     import yaml
@@ -244,7 +260,7 @@ def test_evaluate_runs_are_tagged_with_the_checks_verdict(smoke_project):
     params = yaml.safe_load((smoke_project / "params.yaml").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{smoke_project.parents[1] / 'mlflow.db'}")
     for name in params["transfer"]["models"]:
-        ev = json.loads((smoke_project / f"metrics/evaluate_{name}.json").read_text())
+        ev = json.loads((smoke_project / f"metrics/evaluate/{name}.json").read_text())
         run = client.get_run(ev["run_id"])
         assert run.data.tags["stage"] == f"evaluate-{name}" and run.info.status == "FINISHED"
         assert run.data.tags["model"] == name

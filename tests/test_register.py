@@ -2,7 +2,7 @@
 
 The fixture builds a register stage's inputs in a temp project without the whole pipeline: the
 prepare stage on scikit-learn's digits, a source and two target models trained here for seconds,
-and metrics/evaluate_<model>.json as the evaluate stage writes it, every number measured on those
+and metrics/evaluate/<model>.json as the evaluate stage writes it, every number measured on those
 models (clean and PGD accuracy, a PGD curve and its checks, the feature-space transfer attack). The
 one stand-in: `autoattack_acc` is PGD-40 with 2 restarts (an upper bound of AutoAttack's number);
 the smoke pipeline's own evaluate stage measures the real one (see the slow test at the end).
@@ -74,7 +74,7 @@ def train(net, x, y, epochs: int, params=None, lr: float = 0.05, seed: int = 0):
 
 
 def measure(model: str, method: str, net, source, x, y, data_hash: str, extra: dict, autoattack: bool) -> dict:
-    """metrics/evaluate_<model>.json with the evaluate stage's keys, every number measured on `net`."""
+    """metrics/evaluate/<model>.json with the evaluate stage's keys, every number measured on `net`."""
     threat = ThreatConfig(**THREAT)
     torch.manual_seed(0)
     curve = [{"eps": e, "acc": evaluation.pgd_accuracy(net, x, y, threat, eps=e)} for e in (0.0, 0.05, 0.1, 0.5)]
@@ -122,8 +122,8 @@ def write_evaluate(root: Path, name: str, method: str, net, source, extra: dict,
     card = json.loads((root / "data/card.json").read_text())
     x, y = read_image_table(root / "data/target_test.parquet").tensors()
     metrics = measure(name, method, net, source, x, y, card["data_hash"], extra, autoattack)
-    (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics" / f"evaluate_{name}.json").write_text(json.dumps(metrics, indent=2))
+    (root / "metrics" / "evaluate").mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / "evaluate" / f"{name}.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -399,7 +399,7 @@ def test_smoke_pipeline_champion_through_a_tracking_server(smoke_project, mlflow
     out = python(str(code / "examples/load_champion.py"), cwd=wdir, uri=mlflow_server, code=code)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    metrics = json.loads((wdir / "metrics" / f"evaluate_{json.loads((wdir / 'registry/register.json').read_text())['champion']['model']}.json").read_text())
+    metrics = json.loads((wdir / "metrics" / "evaluate" / f"{json.loads((wdir / 'registry/register.json').read_text())['champion']['model']}.json").read_text())
     assert result["clean_acc_tagged"] == metrics["clean_acc"]
     assert result["autoattack_acc_tagged"] == metrics["autoattack_acc"] is not None
     n = len(read_image_table(wdir / "data/target_test.parquet").labels)
