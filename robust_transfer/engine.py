@@ -529,7 +529,7 @@ def _validate(plan: Plan, x, y) -> dict:
     # PGD's random start on a stream of its own: how often a job validates (val_every, a Tune trial's
     # rungs) leaves its training, and its weights, unchanged.
     with attacks.own_random_stream(x.device):
-        x_adv = attacks.pgd(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
+        x_adv = attacks.pgd_until_fooled(net, xs, ys, t.eps, t.step_size, t.train_steps, t.norm)
     with torch.no_grad():  # robust = right on the clean image and on its attack (a weak attack can
         # land a misclassified image on the right side, which must not count)
         robust = (net(xs).argmax(1) == ys) & (net(x_adv).argmax(1) == ys)
@@ -545,7 +545,7 @@ def _guard_tripped(plan: Plan, state: dict, x, y, module) -> bool:
 
     net, t = plan.net, plan.ctx.threat
     net.eval()
-    acc = _clean_acc(net, attacks.pgd(net, x, y, t.eps, t.step_size, 5, t.norm), y)
+    acc = _clean_acc(net, attacks.pgd_until_fooled(net, x, y, t.eps, t.step_size, 5, t.norm), y)
     net.train()
     for bn in plan.frozen_bn:
         bn.eval()
