@@ -179,14 +179,13 @@ def pgd_until_fooled(model, x: torch.Tensor, y: torch.Tensor, eps: float, step_s
                 out[idx[take]], best_loss[idx[take]] = xa[take].detach(), loss[take]
                 break
             (grad,) = torch.autograd.grad(F.cross_entropy(logits, ys, reduction="sum"), xa)
-            keep = ~hit
-            xa = _ascend(xa.detach()[keep], xs[keep], grad[keep], step_size, eps, norm,
-                         tuple(b[keep] for b in bounds) if bounds is not None else None)
-            idx, xs, ys = idx[keep], xs[keep], ys[keep]
+            keep = ~hit  # the fooled leave before the step: later steps cost only the rest
+            idx, xs, ys, grad = idx[keep], xs[keep], ys[keep], grad[keep]
             if bounds is not None:
                 bounds = tuple(b[keep] for b in bounds)
             if len(idx) == 0:
                 break
+            xa = _ascend(xa.detach()[keep], xs, grad, step_size, eps, norm, bounds)
     return out
 
 
