@@ -55,12 +55,12 @@ def main(args, params) -> None:
     # Every input is read and checked before the registry is touched.
     jobs = []
     for model in models:
-        path = Path("metrics") / "evaluate" / f"{model}.json"
-        metrics = read_metrics(path, f"evaluate stage ('{model}' is in transfer.models)")
+        measured = Path("metrics") / "evaluate" / f"{model}.json"
+        metrics = read_metrics(measured, f"evaluate stage ('{model}' is in transfer.models)")
         if metrics.get("model", model) != model:
-            raise ConfigError(f"{path} is about model '{metrics.get('model')}', not '{model}'")
+            raise ConfigError(f"{measured} is about model '{metrics.get('model')}', not '{model}'")
         if metrics.get("data_hash") not in (None, card["data_hash"]):
-            raise ConfigError(f"{path} was measured on other data (data_hash differs from "
+            raise ConfigError(f"{measured} was measured on other data (data_hash differs from "
                               f"data/card.json); re-run the evaluate stage")
         path = Path("models") / f"{model}.pt"
         net, extra = load_model(path)
