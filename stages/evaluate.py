@@ -58,7 +58,8 @@ def main(args, params) -> None:
     # Every input is checked before the first attack: a missing model or metrics file stops the stage
     # at once, not after the models before it have been evaluated.
     checkpoints = {m: load_model(Path("models") / f"{m}.pt") for m in names}
-    ranking = {m: float(transfer_metrics(m).get("pgd_acc", float("nan"))) for m in models}
+    trained = {m: transfer_metrics(m) for m in models}
+    ranking = {m: float(trained[m].get("pgd_acc", float("nan"))) for m in models}
     ranking = {m: (v if v == v else -1.0) for m, v in ranking.items()}  # NaN ranks last
     selected = evaluation.autoattack_selection(ranking, cfg.autoattack_top, cfg.autoattack_models)
     torch.set_grad_enabled(True)
@@ -68,13 +69,12 @@ def main(args, params) -> None:
     for i, name in enumerate(names, 1):
         print(f"evaluate: model {i} of {len(names)}: {name}", flush=True)
         net, extra = checkpoints.pop(name)  # each model is freed once evaluated
-        evaluate_one(name, models[name][0], net, extra, test, selected, **setup)
+        evaluate_one(name, models[name][0], net, extra, trained[name], test, selected, **setup)
 
 
-def evaluate_one(name: str, method: str, net, extra: dict, test: dict, selected: list[str], cfg, data_cfg, threat,
-                 ml_cfg, device: str, card: dict) -> None:
-    """One model: its numbers, curve, checks and MLflow run."""
-    own = transfer_metrics(name)
+def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict, selected: list[str], cfg, data_cfg,
+                 threat, ml_cfg, device: str, card: dict) -> None:
+    """One model (`own`: its transfer stage's metrics): its numbers, curve, checks and MLflow run."""
     run_autoattack = name in selected
     # The public model the attacker holds: the root source (rrm's teacher is itself a transfer model).
     source_name = extra.get("source") or own.get("source")
