@@ -197,7 +197,7 @@ def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()
 
     job = dict(job, cpus_per_worker=ray_cfg.cpus_per_worker, checkpoint_every_s=ray_cfg.checkpoint_every_s)
     job = _with_test_faults(job, name)
-    return _trainer_class()(
+    return _trainer_class(ray_cfg.num_workers)(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
@@ -208,15 +208,23 @@ def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()
     )
 
 
-def _trainer_class():
+def _trainer_class(num_workers: int):
     """TorchTrainer, less two helper actors that a job of ours does not use, each a process to start
     per run: the datasets manager (we pass no Ray Datasets; workers read Parquet themselves), and,
     where the cluster has no dashboard, the placement-group cleaner (it polls the dashboard's state
     API every second and, without one, only logs a warning each time; it guards against a controller
     dying uncleanly, and Ray frees a dead job's placement groups when its driver exits anyway).
-    Our local runtime runs without a dashboard: on 2 cores it costs more than the jobs."""
+    Our local runtime runs without a dashboard: on 2 cores it costs more than the jobs.
+
+    A single worker needs no torch process group: it runs under Ray Train's plain data-parallel
+    trainer (the same controller, worker, checkpoints and restarts), whose controller then does not
+    import torch (to unpickle TorchConfig: ~1.5 s of CPU) and does not make the worker set up a gloo
+    group; train_loop_per_worker sets the CUDA device itself. Several workers train with DDP."""
     import ray
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    base = TorchTrainer if num_workers > 1 else DataParallelTrainer
 
     unused = {"DatasetsCallback"}
     # (inside an actor, e.g. a Tune trial, get_dashboard_url() names a default even where none runs:
@@ -224,7 +232,7 @@ def _trainer_class():
     if os.environ.get("RT_RAY_DASHBOARD") == "0" or not ray._private.worker.get_dashboard_url():
         unused.add("PlacementGroupCleanerCallback")
 
-    class Trainer(TorchTrainer):
+    class Trainer(base):
         def _create_default_callbacks(self):
             drop = unused - ({"DatasetsCallback"} if getattr(self, "datasets", None) else set())
             return [c for c in super()._create_default_callbacks() if type(c).__name__ not in drop]
@@ -255,6 +263,8 @@ def train_loop_per_worker(job: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = rtt.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what TorchTrainer does, also for a single worker (see _trainer_class)
     plan = build_plan(job, device)  # seeded by the job: every rank starts from the same weights
     cfg = plan.train_cfg
     torch.manual_seed(cfg.seed + rank)  # then one seed per rank for the attacks' noise

@@ -454,6 +454,24 @@ def test_a_job_builds_the_same_initial_weights_whatever_the_process_drew_before(
     assert not all(torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
 
 
+def test_two_workers_train_with_ddp_and_one_worker_without_a_process_group(ray_runtime, tmp_path):
+    """num_workers > 1 is DDP (TorchTrainer: a gloo group, gradients all-reduced, each rank a half of
+    every epoch); a single worker runs under Ray Train's plain trainer, whose controller does not import
+    torch. The same job trains either way: all the images, one optimiser step per batch per rank."""
+    from ray.train.torch import TorchTrainer
+
+    job = _job("ddp", epochs=4, batch_size=32)
+    two = RayConfig(num_workers=2, cpus_per_worker=1, checkpoint_every_s=3600)
+    assert isinstance(engine.make_trainer(job, two, tmp_path, "ddp"), TorchTrainer)
+    assert not isinstance(engine.make_trainer(job, RayConfig(num_workers=1, cpus_per_worker=1), tmp_path, "one"),
+                          TorchTrainer)
+    result = engine.fit(job, two, tmp_path, job["name"])
+    n = pq.ParquetFile(prepared_project() / "data" / "source_train.parquet").metadata.num_rows
+    assert result.passes == 4 * n  # natural training: each image once per epoch, over both ranks
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert result.history[-1]["val_clean_acc"] > 0.6  # it learned: the ranks' gradients were combined
+
+
 def test_validation_runs_every_val_every_epochs_with_each_report_and_at_the_end(ray_runtime, tmp_path):
     """train.val_every spaces the per-epoch PGD check; a Tune trial's report epochs (ASHA's rungs)
     and the last epoch are always validated, since what reads them needs the val_* metrics. How often
