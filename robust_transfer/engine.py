@@ -1,4 +1,4 @@
-"""The Ray Train loop: TorchTrainer, DDP, checkpoints, resume, metrics.
+"""The Ray Train loop: the trainer (DDP for several workers), checkpoints, resume, metrics.
 
 A stage describes a training job as a plain dict (`job`); every worker rebuilds the job's `Plan`
 (network, objective, data) from it with `methods.build_plan`, so nothing unpicklable crosses
@@ -153,7 +153,7 @@ class TrainResult:
 
 def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str,
         while_waiting: Optional[Callable[[], None]] = None) -> TrainResult:
-    """Run `job` as a Ray Train TorchTrainer and return the trained weights and metrics.
+    """Run `job` as a Ray Train job (see _trainer_class) and return the trained weights and metrics.
     `while_waiting` is called just before the driver blocks on the job (to start background work)."""
     connect(ray_cfg)
     trainer = make_trainer(job, ray_cfg, storage, name)
@@ -191,7 +191,7 @@ NOT_HASHED = ("fault_marker", "checkpoint_every_s")
 
 
 def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()):
-    """The TorchTrainer that runs `job` (not started): what `fit` runs, and what every Ray Tune trial
+    """The Ray Train trainer that runs `job` (not started): what `fit` runs, and what every Ray Tune trial
     of the tune stage runs (with Tune's report callback), so a tuned weight means the same in both."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 

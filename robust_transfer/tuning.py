@@ -10,7 +10,7 @@ bound `beta` on a fixed CARTL source instead.
 Each trial runs the transfer stage's own trainer (`engine.make_trainer`: the same job, objective and
 Ray Train loop) with the trial's options, trained on `target_fit` (the target shots minus the
 validation split) and scored every epoch on `target_val` (never the test set). In Ray Train V2 a
-Tune trial is a trainable that builds the TorchTrainer and calls `fit()` (`Tuner(trainer)` is
+Tune trial is a trainable that builds the Ray Train trainer and calls `fit()` (`Tuner(trainer)` is
 deprecated); a Train callback relays each epoch's metrics to the trial, which returns them to Tune
 (`trial_class`). The trainer's workers run wherever the cluster has room.
 
