@@ -266,6 +266,26 @@ def test_smoke_tune_stage_outputs_and_nested_mlflow_runs(smoke_project):
     assert math.isclose(float(transfer.data.params["options.lam"]), tuned["lwf"]["lam"])
 
 
+def test_the_mailbox_delivers_messages_from_another_process_in_the_order_they_were_sent(tmp_path):
+    """A trial's channel from its Train controller (another process on its node): messages arrive
+    whole and in order, `get` waits and then raises queue.Empty, `empty` says whether one is unread."""
+    import queue
+    import subprocess
+    import sys
+
+    box = tuning.Mailbox(tmp_path)
+    assert box.empty()
+    with pytest.raises(queue.Empty):
+        box.get(timeout=0.1)
+    sender = ("from robust_transfer.tuning import Mailbox; import sys; box = Mailbox(sys.argv[1])\n"
+              "for i in range(5): box.put(('metrics', {'epoch': i, 'pad': 'x' * 100000}))")
+    subprocess.run([sys.executable, "-c", sender, str(tmp_path)], check=True)
+    box.put(("metrics", {"epoch": 5}))
+    got = [box.get(timeout=1)[1]["epoch"] for _ in range(6)]
+    assert got == list(range(6)) and box.empty()
+    assert not list(tmp_path.iterdir())  # read messages are removed, no partial file is left
+
+
 @pytest.mark.parametrize("grace, rf, epochs", [(16, 2, 30), (15, 2, 30), (60, 2, 120), (1, 2, 2), (5, 3, 100), (7, 1.5, 40)])
 def test_a_trial_reports_at_every_rung_asha_compares_and_at_its_end(grace, rf, epochs):
     """Trials report at ASHA's rungs only (tuning.rung_epochs), not every epoch: the rungs must be
