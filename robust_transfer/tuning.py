@@ -163,9 +163,9 @@ class Mailbox:
         return self._next() is None
 
 
-def _relay_callbacks(queue, clean_floor: float) -> list:
-    """Ray Train callbacks (they run in the Train controller) that send the trial, through `queue`
-    (a Mailbox), first the controller's own handle (so the trial can abort the run), then rank 0's
+def _relay_callbacks(mailbox: Mailbox, clean_floor: float) -> list:
+    """Ray Train callbacks (they run in the Train controller) that send the trial, through `mailbox`,
+    first the controller's own handle (so the trial can abort the run), then rank 0's
     metrics of every epoch.
 
     Why not Ray's TuneReportCallback: it hands results to Tune from the trial actor's main thread
@@ -178,11 +178,11 @@ def _relay_callbacks(queue, clean_floor: float) -> list:
 
     class Relay(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put(("metrics", scored(metrics[0], clean_floor)))
+            mailbox.put(("metrics", scored(metrics[0], clean_floor)))
 
     class Handle(ControllerCallback):
         def after_controller_start(self, train_run_context):
-            queue.put(("controller", ray.get_runtime_context().current_actor))
+            mailbox.put(("controller", ray.get_runtime_context().current_actor))
 
     return [Relay(), Handle()]
 
@@ -214,9 +214,9 @@ def trial_class():
             job = copy.deepcopy(job)
             job["options"].update(config["options"])
             self.epochs = job["train"]["epochs"]
-            self.queue = Mailbox(tempfile.mkdtemp(prefix="rt-trial-"))
+            self.mailbox = Mailbox(tempfile.mkdtemp(prefix="rt-trial-"))
             trainer = engine.make_trainer(job, ray_cfg, storage, job["name"],
-                                          callbacks=_relay_callbacks(self.queue, clean_floor))
+                                          callbacks=_relay_callbacks(self.mailbox, clean_floor))
             self.controller, self.outcome = None, {}
 
             def fit():
@@ -231,9 +231,9 @@ def trial_class():
         def step(self):
             while True:
                 try:
-                    kind, item = self.queue.get(timeout=0.5)
+                    kind, item = self.mailbox.get(timeout=0.5)
                 except Empty:
-                    if not self.runner.is_alive() and self.queue.empty():  # every put came before fit() returned
+                    if not self.runner.is_alive() and self.mailbox.empty():  # every put came before fit() returned
                         raise self.outcome.get("error") or RuntimeError("the Train run ended before its last epoch")
                     continue
                 if kind == "controller":
@@ -259,7 +259,7 @@ def trial_class():
                 except Exception:  # abort ends the controller's process: its reply is that error
                     pass
                 self.runner.join(timeout=120)
-            shutil.rmtree(self.queue.folder, ignore_errors=True)
+            shutil.rmtree(self.mailbox.folder, ignore_errors=True)
 
     return TransferTrial
 
