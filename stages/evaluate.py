@@ -66,19 +66,23 @@ def main(args, params) -> None:
     x_all, y_all = read_image_table("data/target_test.parquet").tensors()
     idx = evaluation.eval_indices(y_all, cfg.images, cfg.seed)
     test = {"x_all": x_all, "y_all": y_all, "x": x_all[idx], "y": y_all[idx]}
+    sources = {}  # the public source models, each loaded once for all the models transferred from it
     for i, name in enumerate(names, 1):
         print(f"evaluate: model {i} of {len(names)}: {name}", flush=True)
         net, extra = checkpoints.pop(name)  # each model is freed once evaluated
-        evaluate_one(name, models[name][0], net, extra, trained[name], test, selected, **setup)
+        evaluate_one(name, models[name][0], net, extra, trained[name], test, selected, sources, **setup)
 
 
-def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict, selected: list[str], cfg, data_cfg,
-                 threat, ml_cfg, device: str, card: dict) -> None:
-    """One model (`own`: its transfer stage's metrics): its numbers, curve, checks and MLflow run."""
+def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict, selected: list[str],
+                 sources: dict, cfg, data_cfg, threat, ml_cfg, device: str, card: dict) -> None:
+    """One model (`own`: its transfer stage's metrics): its numbers, curve, checks and MLflow run.
+    `sources` caches the source models by name across calls."""
     run_autoattack = name in selected
     # The public model the attacker holds: the root source (rrm's teacher is itself a transfer model).
     source_name = extra.get("source") or own.get("source")
-    source, _ = load_model(Path("models") / f"{source_name}.pt")
+    if source_name not in sources:
+        sources[source_name] = load_model(Path("models") / f"{source_name}.pt")[0]
+    source = sources[source_name]
     net.to(device).eval()
     source.to(device).eval()
     x_all, y_all, x, y = test["x_all"], test["y_all"], test["x"], test["y"]
