@@ -135,12 +135,14 @@ class Mailbox:
 
         import ray.cloudpickle as pickle
 
-        name = f"{time.monotonic_ns():020d}-{uuid.uuid4().hex[:8]}.msg"
-        tmp = self.folder / f".{name}"
+        name = f"{time.monotonic_ns():020d}-{uuid.uuid4().hex[:8]}"
+        tmp = self.folder / f"{name}.part"  # not a message until renamed: `_next` lists *.msg only
         tmp.write_bytes(pickle.dumps(item))  # an actor handle pickles as in any Ray task argument
-        os.replace(tmp, self.folder / name)
+        os.replace(tmp, self.folder / f"{name}.msg")
 
     def _next(self) -> Optional[Path]:
+        # (A hidden temporary name is not enough: pathlib's glob matches names that start with a dot,
+        # and a trial read a half-written ".<name>.msg" once: EOFError, its trial lost.)
         names = sorted(self.folder.glob("*.msg"))
         return names[0] if names else None
 
@@ -293,7 +295,11 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
                                     max_concurrent_trials=cfg.max_concurrent_trials,
                                     trial_name_creator=lambda t: f"{model}_{t.trial_id}",
                                     trial_dirname_creator=lambda t: f"{model}_{t.trial_id}"),
+        # A trial whose actor fails (a lost node, a crash) runs again, up to ray.max_failures times, as
+        # a Train run's workers do: otherwise one failure silently takes its point out of the choice.
+        # Its Train run resumes from that run's own checkpoints (the run is named by its job).
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                                  failure_config=tune.FailureConfig(max_failures=ray_cfg.max_failures),
                                   verbose=1 if progress else 0),
     )
     print(f"tune {model}: {len(points)} trials of {method} over {', '.join(space)} "
@@ -311,7 +317,7 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
             row[k] = m.get(k)
         row.update(epochs=epochs, node_id=m.get("node_id"), hostname=m.get("hostname"),
                    seconds=m.get("time_total_s"), baseline=row["options"] == points[0],
-                   error=str(result.error).splitlines()[0][:300] if result.error else None)
+                   error=error_line(result.error))
         row["status"] = ("error" if result.error or row["score"] == SCORE_FAILED or row["epochs_done"] is None
                          else "completed" if row["epochs_done"] >= epochs else "stopped")
         rows.append(row)
@@ -321,6 +327,15 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
         lines = [ln for ln in first.split("ConfigError: ")[1:]] if "ConfigError: " in first else []
         raise ConfigError(f"tune {model}: every trial failed: {lines[-1] if lines else first}")
     return rows
+
+
+def error_line(error: Optional[BaseException]) -> Optional[str]:
+    """The line of a trial's error that says what went wrong: Ray's text of an error raised in an
+    actor begins with the actor's name and ends with the exception (`EOFError: Ran out of input`)."""
+    if error is None:
+        return None
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def asha_keeping_baseline(baseline: dict, **asha):

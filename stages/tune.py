@@ -58,6 +58,9 @@ def main(args, params) -> None:
                   f"{_acc(pick, 'val_clean_acc')} PGD {_acc(pick, 'val_pgd_acc')}, params' "
                   f"{_fmt(base['options'] if base else {})}: clean {_acc(base, 'val_clean_acc')} "
                   f"PGD {_acc(base, 'val_pgd_acc')}")
+            for r in model_rows:
+                if r["error"]:
+                    print(f"tune {model}: trial {_fmt(r['options'])} failed ({ray_cfg.max_failures} retries): {r['error']}")
             rows += model_rows
         seconds = time.perf_counter() - start
         metrics = {"seconds": round(seconds, 1), "trials": len(rows), "models": summary}
