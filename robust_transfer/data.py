@@ -235,13 +235,14 @@ def load_imagefolder(root: Optional[str]) -> dict[str, RawSplit]:
     base = Path(root)
     if not (base / "train").is_dir() or not (base / "test").is_dir():
         raise ConfigError(f"data.root {base} must hold train/<class>/ and test/<class>/ folders")
-    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    # Hidden entries are not data: macOS's AppleDouble "._x.png" files, ".ipynb_checkpoints" folders.
+    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     out = {}
     for split in ("train", "test"):
         images, labels = [], []
         for idx, name in enumerate(classes):
             for f in sorted((base / split / name).glob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
+                if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
                     images.append(_decode(f.read_bytes(), str(f)))
                     labels.append(idx)
         if not images:

@@ -157,6 +157,18 @@ def test_imagefolder_tree_of_pngs(tmp_path):
     assert out["train"].class_names == ["cat", "dog", "emu"]
 
 
+def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
+    """A tree copied from macOS or opened in Jupyter: "._0.png" (AppleDouble metadata, not a PNG) and
+    a ".ipynb_checkpoints" folder are neither images nor a class."""
+    written = _write_imagefolder(tmp_path)
+    for split in ("train", "test"):
+        (tmp_path / split / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    out = load_source("imagefolder", str(tmp_path))
+    assert out["train"].class_names == ["cat", "dog", "emu"]
+    assert len(out["train"].labels) == len(written["train"]) and len(out["test"].labels) == len(written["test"])
+
+
 def test_imagefolder_of_mixed_sizes_is_rejected(tmp_path):
     _write_imagefolder(tmp_path)
     (tmp_path / "train" / "cat" / "big.png").write_bytes(_png(_images(1, 9, 9, 3)[0]))
