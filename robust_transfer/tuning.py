@@ -28,6 +28,13 @@ on a validation split of a few dozen images most differences are noise (25 image
 points), and a weight chosen on noise does no better on the test set than the one the user wrote.
 By default `min_gain` is what a one-sided 95% test asks of the difference of two accuracies p on n
 images: 1.645 * sqrt(2 p (1 - p) / n) (25 images, p = 0.5: 0.23; 500 images: 0.05).
+
+Reproducibility: a trial's scores repeat bit for bit on one machine, but ASHA is asynchronous: a trial reaching
+a rung is compared with the trials recorded there before it, so with several trials at once which
+ones it stops (and so which complete and can be chosen) can depend on the order in which they got
+there, that is on the machine and its load. `max_concurrent_trials: 1` runs the trials one after the
+other in their fixed order, and the choice then depends on the scores alone. Either way tuned.yaml is a DVC
+output: a repro re-tunes only when tune's inputs change, and the transfer stages use what it recorded.
 """
 from __future__ import annotations
 
