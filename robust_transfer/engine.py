@@ -139,6 +139,33 @@ def job_hash(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# ----------------------------------------------------------------------------- a stage's own model work
+def on_device(fn: Callable, ray_cfg: RayConfig, *args, remote: Optional[bool] = None, **kwargs):
+    """`fn(*args, device=..., **kwargs)`: a stage's own model work (the checks after training, feature
+    extraction, evaluation) on the device the params ask for. In this process on the CPU, or on a GPU
+    this process sees; else as a Ray task holding one of the cluster's GPUs: the documented cluster
+    runs `dvc repro` and the stage drivers on a CPU head node (docs/scale-out.md). Such a task reads
+    and writes the project's files by their absolute paths, as Ray Train's workers do. `fn` is a
+    module-level function; its arguments and result travel through Ray's object store. `remote`
+    forces the choice (tests)."""
+    if remote is None:
+        remote = ray_cfg.use_gpu and not torch.cuda.is_available()
+    device = "cuda" if ray_cfg.use_gpu else "cpu"
+    if not remote:
+        return fn(*args, device=device, **kwargs)
+    import ray
+
+    connect(ray_cfg)  # one line, before any work, if neither this machine nor the cluster has the GPUs
+    task = ray.remote(_run_on_device).options(num_gpus=1 if ray_cfg.use_gpu else 0,
+                                              num_cpus=ray_cfg.cpus_per_worker, max_retries=ray_cfg.max_failures)
+    return ray.get(task.remote(fn, args, kwargs, device, ray_cfg.cpus_per_worker))
+
+
+def _run_on_device(fn: Callable, args: tuple, kwargs: dict, device: str, threads: int):
+    torch.set_num_threads(threads)  # Ray gives a task one thread unless told otherwise
+    return fn(*args, device=device, **kwargs)
+
+
 # ----------------------------------------------------------------------------- driver side
 @dataclass
 class TrainResult:

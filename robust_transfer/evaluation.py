@@ -40,6 +40,28 @@ def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> fl
     return (predict(net, x, batch_size) == y).float().mean().item() if len(y) else float("nan")
 
 
+def stage_checks(net, x: torch.Tensor, y: torch.Tensor, threat: ThreatConfig, pgd_images: Optional[int] = None,
+                 seed: Optional[int] = None, device: str = "cpu") -> dict:
+    """A training stage's check of the model it trained: clean accuracy on every image, PGD accuracy
+    (threat.eval_steps at the nominal eps) on the first `pgd_images` (all for None)."""
+    net = net.to(device)
+    n = len(y) if pgd_images is None else pgd_images
+    return {"clean_acc": accuracy(net, x, y), "pgd_acc": pgd_accuracy(net, x[:n], y[:n], threat, seed=seed)}
+
+
+def evaluate_with_clean_accuracy(net, x_all: torch.Tensor, y_all: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                 threat: ThreatConfig, cfg: EvaluateConfig, n_classes: int, source=None,
+                                 source_logits: bool = False, run_autoattack: bool = False,
+                                 desc: Optional[str] = None, device: str = "cpu") -> tuple[float, dict]:
+    """The evaluate stage's work on one model, on `device`: clean accuracy on every test image (x_all)
+    and `evaluate_model` on the evaluation subset (x, y)."""
+    net = net.to(device).eval()
+    source = source.to(device).eval() if source is not None else None
+    return accuracy(net, x_all, y_all, cfg.batch_size), evaluate_model(
+        net, x, y, threat, cfg, n_classes, source=source, source_logits=source_logits,
+        run_autoattack=run_autoattack, desc=desc)
+
+
 def pgd_correct(net, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int, norm: str,
                 restarts: int = 1, batch_size: int = 500) -> torch.Tensor:
     """Per image: is it still classified correctly under PGD (random start, worst of `restarts`)? An

@@ -59,16 +59,3 @@ def write_history(history: list[dict], path) -> None:
     writer.writerows(history)
     with atomic_write(path) as tmp:
         tmp.write_text(buf.getvalue())
-
-
-def device_for(ray_cfg) -> str:
-    """Where a stage's own (non-Ray-Train) work runs: the GPU when params ask for one."""
-    import torch
-
-    from robust_transfer.config import ConfigError
-
-    if ray_cfg.use_gpu:
-        if not torch.cuda.is_available():
-            raise ConfigError("ray.use_gpu is true but no CUDA GPU is visible to this process")
-        return "cuda"
-    return "cpu"

@@ -20,12 +20,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from robust_transfer import evaluation, tracking
+from robust_transfer import engine, evaluation, tracking
 from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayConfig, ThreatConfig, evaluate_config,
                                     load_section, transfer_entries)
 from robust_transfer.data import read_image_table, verify_card, write_json
 from robust_transfer.nets import load_model
-from stages._common import device_for, run
+from stages._common import run
 
 METRICS = Path("metrics") / "evaluate"  # <model>.json
 PLOTS = Path("plots") / "evaluate"  # <model>.csv (a DVC plot) and <model>.png
@@ -52,7 +52,7 @@ def main(args, params) -> None:
     setup = {"cfg": evaluate_config(params), "data_cfg": load_section(DataConfig, params, "data"),
              "threat": load_section(ThreatConfig, params, "threat"),
              "ml_cfg": load_section(MlflowConfig, params, "mlflow"),
-             "device": device_for(load_section(RayConfig, params, "ray")),
+             "ray_cfg": load_section(RayConfig, params, "ray"),
              "card": verify_card("data/card.json", {"target_test": "data/target_test.parquet"})}
     cfg = setup["cfg"]
     # Every input is checked before the first attack: a missing model or metrics file stops the stage
@@ -74,7 +74,7 @@ def main(args, params) -> None:
 
 
 def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict, selected: list[str],
-                 sources: dict, cfg, data_cfg, threat, ml_cfg, device: str, card: dict) -> None:
+                 sources: dict, cfg, data_cfg, threat, ml_cfg, ray_cfg, card: dict) -> None:
     """One model (`own`: its transfer stage's metrics): its numbers, curve, checks and MLflow run.
     `sources` caches the source models by name across calls."""
     run_autoattack = name in selected
@@ -83,8 +83,6 @@ def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict
     if source_name not in sources:
         sources[source_name] = load_model(Path("models") / f"{source_name}.pt")[0]
     source = sources[source_name]
-    net.to(device).eval()
-    source.to(device).eval()
     x_all, y_all, x, y = test["x_all"], test["y_all"], test["x"], test["y"]
     n_classes = len(data_cfg.target_classes)
     logits = evaluation.labels_match(data_cfg)
@@ -95,9 +93,9 @@ def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict
             "model_run_id": extra.get("run_id", ""), "autoattack": str(run_autoattack).lower()}
     with tracking.deferred_stage_run(ml_cfg, f"evaluate-{name}", run_params, card["data_hash"], tags) as deferred:
         deferred.warm()  # MLflow's set-up runs while the attacks do (PyTorch releases the GIL in its kernels)
-        clean_acc = evaluation.accuracy(net, x_all, y_all, cfg.batch_size)
-        result = evaluation.evaluate_model(net, x, y, threat, cfg, n_classes, source=source, source_logits=logits,
-                                           run_autoattack=run_autoattack, desc=f"evaluate-{name}")
+        clean_acc, result = engine.on_device(
+            evaluation.evaluate_with_clean_accuracy, ray_cfg, net, x_all, y_all, x, y, threat, cfg, n_classes,
+            source=source, source_logits=logits, run_autoattack=run_autoattack, desc=f"evaluate-{name}")
         mlrun = deferred.open()
         import mlflow
         checks_passed = result["checks_passed"]

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robust_transfer import features
+from robust_transfer import engine, features
 from robust_transfer.config import ConfigError, ExtractConfig, RayConfig, load_section, pretrain_entries
 from robust_transfer.data import sha256_file, verify_card
 from robust_transfer.nets import load_model
-from stages._common import device_for, run
+from stages._common import run
 
 TABLES = ("target_train", "target_fit", "target_val", "target_test")
 
 
 def main(args, params) -> None:
     cfg = load_section(ExtractConfig, params, "extract")
-    device = device_for(load_section(RayConfig, params, "ray"))
+    ray_cfg = load_section(RayConfig, params, "ray")
     card = verify_card("data/card.json", {t: f"data/{t}.parquet" for t in TABLES})
     sources = pretrain_entries(params)
     if args.source not in sources:
@@ -34,7 +34,8 @@ def main(args, params) -> None:
                 "data_hash": card["data_hash"], "ks": ks}
         for table in TABLES:
             out = Path("data/features") / source / f"{table}.parquet"
-            rows = features.extract(net, f"data/{table}.parquet", out, ks, meta, cfg.batch_size, device)
+            rows = engine.on_device(features.extract, ray_cfg, net, str(Path(f"data/{table}.parquet").resolve()),
+                                    str(out.resolve()), ks, meta, cfg.batch_size)
             print(f"extract: {source}/{table}: {rows} rows (z: {net.feature_dim} dims, ks {ks})")
 
 

@@ -14,7 +14,7 @@ from robust_transfer.config import (REGISTRY_SOURCE, ConfigError, DataConfig, Ml
                                     pretrain_entries)
 from robust_transfer.data import read_image_table, verify_card, write_json
 from robust_transfer.nets import from_spec, save_model
-from stages._common import device_for, run, write_history
+from stages._common import run, write_history
 
 
 def main(args, params) -> None:
@@ -28,7 +28,6 @@ def main(args, params) -> None:
     threat = load_section(ThreatConfig, params, "threat")
     ray_cfg = load_section(RayConfig, params, "ray")
     ml_cfg = load_section(MlflowConfig, params, "mlflow")
-    device = device_for(ray_cfg)  # where this stage measures the trained model (checked before training)
     tables = {t: Path("data") / f"{t}.parquet" for t in ("source_train", "source_test")}
     card = verify_card("data/card.json", tables)
     job = {
@@ -45,11 +44,9 @@ def main(args, params) -> None:
         mlrun = deferred.open()
         net = from_spec(result.spec)
         net.load_state_dict(result.state)
-        net.to(device)
         x, y = read_image_table(tables["source_test"]).tensors()
         metrics = {
-            "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat, seed=cfg.seed),
+            **engine.on_device(evaluation.stage_checks, ray_cfg, net, x, y, threat, seed=cfg.seed),
             "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": result.seconds, "train_passes": result.passes,
             "stopped_early": result.stopped_early,
@@ -84,6 +81,7 @@ def from_registry(source: str, uri: str, params: dict) -> None:
     key = f"pretrain.sources.{source}.registry"
     data_cfg = load_section(DataConfig, params, "data")
     threat = load_section(ThreatConfig, params, "threat")
+    ray_cfg = load_section(RayConfig, params, "ray")
     ml_cfg = load_section(MlflowConfig, params, "mlflow")
     tables = {t: Path("data") / f"{t}.parquet" for t in ("source_train", "source_test")}
     card = verify_card("data/card.json", tables)
@@ -101,8 +99,7 @@ def from_registry(source: str, uri: str, params: dict) -> None:
                               f"source task has {want}")
         tags = version.tags
         metrics = {
-            "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x, y, threat, seed=data_cfg.seed),
+            **engine.on_device(evaluation.stage_checks, ray_cfg, net, x, y, threat, seed=data_cfg.seed),
             "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": json.loads(tags.get("train_seconds", "null")),
             "train_passes": json.loads(tags.get("train_passes", "null")),

@@ -14,7 +14,7 @@ from robust_transfer.config import (ConfigError, DataConfig, MlflowConfig, RayCo
                                     transfer_entries)
 from robust_transfer.data import read_image_table, verify_card, write_json
 from robust_transfer.nets import from_spec, load_model, save_model
-from stages._common import device_for, run, write_history
+from stages._common import run, write_history
 
 TABLES = ("target_train", "target_val", "target_test")
 TUNED = "tuned.yaml"  # the tune stage's chosen options, applied over transfer.models
@@ -28,7 +28,6 @@ def main(args, params) -> None:
     source_extra, root_source = info["source_extra"], info["root_source"]
     ray_cfg = load_section(RayConfig, params, "ray")
     ml_cfg = load_section(MlflowConfig, params, "mlflow")
-    device = device_for(ray_cfg)  # where this stage measures the trained model (checked before training)
     run_params = {"method": method, "train": dataclasses.asdict(cfg), "options": options,
                   "threat": dataclasses.asdict(threat), "ray": dataclasses.asdict(ray_cfg)}
     tags = {"model": args.model, "method": method, "source": root_source,
@@ -38,13 +37,11 @@ def main(args, params) -> None:
         mlrun = deferred.open()
         net = from_spec(result.spec)
         net.load_state_dict(result.state)
-        net.to(device)
         x, y = read_image_table("data/target_test.parquet").tensors()
         n = params.get("transfer", {}).get("eval_size", 1000)
+        checks = engine.on_device(evaluation.stage_checks, ray_cfg, net, x, y, threat, pgd_images=n, seed=cfg.seed)
         metrics = {
-            "method": method, "source": root_source, "shots": data_cfg.shots,
-            "clean_acc": evaluation.accuracy(net, x, y),
-            "pgd_acc": evaluation.pgd_accuracy(net, x[:n], y[:n], threat, seed=cfg.seed),
+            "method": method, "source": root_source, "shots": data_cfg.shots, **checks,
             "pgd_images": min(n, len(y)), "eps": threat.eps, "norm": threat.norm, "pgd_steps": threat.eval_steps,
             "train_seconds": result.seconds, "train_passes": result.passes,
             "stopped_early": result.stopped_early,

@@ -60,7 +60,7 @@ def main(args, params) -> None:
                   f"PGD {_acc(base, 'val_pgd_acc')}")
             for r in model_rows:
                 if r["error"]:
-                    print(f"tune {model}: trial {_fmt(r['options'])} failed ({ray_cfg.max_failures} retries): {r['error']}")
+                    print(f"tune {model}: trial {_fmt(r['options'])} failed, also on its {ray_cfg.max_failures} retries: {r['error']}")
             rows += model_rows
         seconds = time.perf_counter() - start
         metrics = {"seconds": round(seconds, 1), "trials": len(rows), "models": summary}

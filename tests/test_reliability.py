@@ -168,9 +168,9 @@ def test_use_gpu_without_a_gpu(project):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     params = dict(smoke_params(), ray={**smoke_params()["ray"], "use_gpu": True})
-    # the stage checks before training (it measures the model on the GPU), the engine before Ray starts
-    refuse(project, "pretrain", "robust", params=params, fragment="ray.use_gpu is true but")
-    refuse(project, "extract", "robust", params=params, fragment="ray.use_gpu is true but no CUDA GPU")
+    # before Ray starts: a training stage, and a stage whose own model work would go to the cluster's GPU
+    for stage in ("pretrain", "extract"):
+        refuse(project, stage, "robust", params=params, fragment="ray.use_gpu is true but this machine has 0 CUDA GPU")
 
 
 def test_more_workers_than_the_machine_has(project):
@@ -470,6 +470,30 @@ def test_two_workers_train_with_ddp_and_one_worker_without_a_process_group(ray_r
     assert result.passes == 4 * n  # natural training: each image once per epoch, over both ranks
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
     assert result.history[-1]["val_clean_acc"] > 0.6  # it learned (that the ranks' gradients are averaged is DDP's, not checked here)
+
+
+def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_the_device(ray_runtime, tmp_path):
+    """With ray.use_gpu and no GPU in the stage's process (the cluster's CPU head node), the checks
+    after training, the feature extraction and the evaluation run as a Ray task on a GPU node: the
+    same function, its arguments and result through Ray's object store, its files by absolute path.
+    Forced here on the CPU (remote=True): the task's numbers and table equal the in-process ones."""
+    from robust_transfer import evaluation
+
+    net = build_net("small_cnn", 1, 5, 28)
+    x, y = read_image_table(prepared_project() / "data" / "target_test.parquet").tensors()
+    threat = ThreatConfig(eps=0.1, step_size=0.025, eval_steps=5)
+    ray_cfg = RayConfig(num_workers=1, cpus_per_worker=1)
+    here = engine.on_device(evaluation.stage_checks, ray_cfg, net, x[:300], y[:300], threat, pgd_images=50, seed=3)
+    there = engine.on_device(evaluation.stage_checks, ray_cfg, net, x[:300], y[:300], threat, pgd_images=50, seed=3,
+                             remote=True)
+    assert there == here and set(here) == {"clean_acc", "pgd_acc"}
+    table = str(prepared_project() / "data" / "target_val.parquet")
+    meta = {"source": "test"}
+    local_rows = engine.on_device(features.extract, ray_cfg, net, table, str(tmp_path / "here.parquet"), [2], meta)
+    task_rows = engine.on_device(features.extract, ray_cfg, net, table, str(tmp_path / "there.parquet"), [2], meta,
+                                 remote=True)
+    assert task_rows == local_rows > 0
+    assert pq.read_table(tmp_path / "there.parquet").equals(pq.read_table(tmp_path / "here.parquet"))
 
 
 def test_validation_runs_every_val_every_epochs_with_each_report_and_at_the_end(ray_runtime, tmp_path):
