@@ -149,7 +149,7 @@ def on_device(fn: Callable, ray_cfg: RayConfig, *args, remote: Optional[bool] = 
     module-level function; its arguments and result travel through Ray's object store. `remote`
     forces the choice (tests)."""
     if remote is None:
-        remote = ray_cfg.use_gpu and not torch.cuda.is_available()
+        remote = lacks_the_device(ray_cfg)
     device = "cuda" if ray_cfg.use_gpu else "cpu"
     if not remote:
         return fn(*args, device=device, **kwargs)
@@ -159,6 +159,11 @@ def on_device(fn: Callable, ray_cfg: RayConfig, *args, remote: Optional[bool] = 
     task = ray.remote(_run_on_device).options(num_gpus=1 if ray_cfg.use_gpu else 0,
                                               num_cpus=ray_cfg.cpus_per_worker, max_retries=ray_cfg.max_failures)
     return ray.get(task.remote(fn, args, kwargs, device, ray_cfg.cpus_per_worker))
+
+
+def lacks_the_device(ray_cfg: RayConfig) -> bool:
+    """Whether this process cannot run model work on the device the params ask for (no visible GPU)."""
+    return ray_cfg.use_gpu and not torch.cuda.is_available()
 
 
 def _run_on_device(fn: Callable, args: tuple, kwargs: dict, device: str, threads: int):

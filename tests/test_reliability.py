@@ -472,12 +472,29 @@ def test_two_workers_train_with_ddp_and_one_worker_without_a_process_group(ray_r
     assert result.history[-1]["val_clean_acc"] > 0.6  # it learned (that the ranks' gradients are averaged is DDP's, not checked here)
 
 
-def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_the_device(ray_runtime, tmp_path):
+def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_the_device(ray_runtime, tmp_path,
+                                                                                         monkeypatch):
     """With ray.use_gpu and no GPU in the stage's process (the cluster's CPU head node), the checks
     after training, the feature extraction and the evaluation run as a Ray task on a GPU node: the
     same function, its arguments and result through Ray's object store, its files by absolute path.
     Forced here on the CPU (remote=True): the task's numbers and table equal the in-process ones."""
     from robust_transfer import evaluation
+
+    gpu, cpu = RayConfig(use_gpu=True), RayConfig(use_gpu=False)
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: False)
+    assert engine.lacks_the_device(gpu) and not engine.lacks_the_device(cpu)
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
+    assert not engine.lacks_the_device(gpu)
+    monkeypatch.undo()
+
+    def pid(fn, args, kwargs, device, threads):  # in place of the task's body: where did it run?
+        import os
+        return os.getpid(), device, threads
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "_run_on_device", pid)
+        ran = engine.on_device(evaluation.stage_checks, RayConfig(num_workers=1, cpus_per_worker=1), remote=True)
+        assert ran[0] != os.getpid() and ran[1:] == ("cpu", 1)
 
     net = build_net("small_cnn", 1, 5, 28)
     x, y = read_image_table(prepared_project() / "data" / "target_test.parquet").tensors()
