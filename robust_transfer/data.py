@@ -286,14 +286,23 @@ def load_parquet_images(root: Optional[str]) -> dict[str, RawSplit]:
     return out
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _read_parquet(path: Path, read=pq.read_table):
+    """`read(path)` (the whole table, or a `pq.ParquetFile` to stream), a missing or unreadable file one line."""
     if not path.is_file():
         raise ConfigError(f"missing data file {path}")
     try:
-        return pq.read_table(path)
+        return read(path)
     except Exception as exc:
         raise ConfigError(f"{path} is not a readable Parquet table ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:120]})") from None
+
+
+def _image_meta(path: Path, schema: pa.Schema) -> tuple[list[int], list[str]]:
+    """An image table's (shape, class names), from the metadata the prepare stage writes."""
+    meta = schema.metadata or {}
+    if b"shape" not in meta or "image" not in schema.names:
+        raise ConfigError(f"{path} is not an image table written by the prepare stage")
+    return json.loads(meta[b"shape"]), json.loads(meta[b"class_names"])
 
 
 # ----------------------------------------------------------------------------- task split
@@ -459,23 +468,18 @@ class ImageTable:
 def read_image_table(path: str | Path, columns=("image", "label")) -> ImageTable:
     path = Path(path)
     table = _read_parquet(path)
-    meta = table.schema.metadata or {}
-    if b"shape" not in meta or "image" not in table.column_names:
-        raise ConfigError(f"{path} is not an image table written by the prepare stage")
-    shape = json.loads(meta[b"shape"])
+    shape, names = _image_meta(path, table.schema)
     buf = table.column("image").combine_chunks()
     raw = np.frombuffer(buf.buffers()[1], dtype=np.uint8, count=len(buf) * int(np.prod(shape)),
                         offset=buf.offset * int(np.prod(shape)))
-    return ImageTable(raw.reshape([len(buf)] + shape), table.column("label").to_numpy().astype(np.int64),
-                      json.loads(meta[b"class_names"]))
+    return ImageTable(raw.reshape([len(buf)] + shape), table.column("label").to_numpy().astype(np.int64), names)
 
 
 def iter_image_batches(path: str | Path, batch_size: int) -> Iterator[ImageTable]:
     """Stream an image table in record batches, so tables larger than memory pass through."""
-    pf = pq.ParquetFile(path)
-    meta = pf.schema_arrow.metadata
-    shape = json.loads(meta[b"shape"])
-    names = json.loads(meta[b"class_names"])
+    path = Path(path)
+    pf = _read_parquet(path, pq.ParquetFile)
+    shape, names = _image_meta(path, pf.schema_arrow)
     for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label"]):
         col = batch.column(0)
         size = int(np.prod(shape))

@@ -158,7 +158,19 @@ def on_device(fn: Callable, ray_cfg: RayConfig, *args, remote: Optional[bool] = 
     connect(ray_cfg)  # one line, before any work, if neither this machine nor the cluster has the GPUs
     task = ray.remote(_run_on_device).options(num_gpus=1 if ray_cfg.use_gpu else 0,
                                               num_cpus=ray_cfg.cpus_per_worker, max_retries=ray_cfg.max_failures)
-    return ray.get(task.remote(fn, args, kwargs, device, ray_cfg.cpus_per_worker))
+    try:
+        return ray.get(task.remote(fn, args, kwargs, device, ray_cfg.cpus_per_worker))
+    except Exception as exc:
+        _reraise_config_error(exc)
+        raise
+
+
+def _reraise_config_error(exc: Exception) -> None:
+    """A ConfigError raised in a Ray worker or task (a bad checkpoint, a table it cannot read) reaches
+    the stage inside Ray's error text: raise it again as the one line it was."""
+    lines = [ln for ln in str(exc).splitlines() if "ConfigError: " in ln]
+    if lines:
+        raise ConfigError(lines[-1].split("ConfigError: ", 1)[1]) from None
 
 
 def lacks_the_device(ray_cfg: RayConfig) -> bool:
@@ -193,10 +205,8 @@ def fit(job: dict, ray_cfg: RayConfig, storage: Path, name: str,
         while_waiting()
     try:
         result = trainer.fit()
-    except Exception as exc:  # a worker's ConfigError (bad checkpoint, bad table) stays one line
-        lines = [ln for ln in str(exc).splitlines() if "ConfigError: " in ln]
-        if lines:
-            raise ConfigError(lines[-1].split("ConfigError: ", 1)[1]) from None
+    except Exception as exc:
+        _reraise_config_error(exc)
         raise
     # Ray Train V2's result carries the metrics of the latest checkpoint only, so a worker that stops
     # without one (non-finite loss) leaves its reason in a file beside the checkpoints.

@@ -511,6 +511,13 @@ def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_t
                                  remote=True)
     assert task_rows == local_rows > 0
     assert pq.read_table(tmp_path / "there.parquet").equals(pq.read_table(tmp_path / "here.parquet"))
+    # a table the task cannot read (not on the filesystem its node mounts) is one line naming it, as in process
+    missing = str(tmp_path / "not-there.parquet")
+    with pytest.raises(ConfigError) as here_err:
+        engine.on_device(features.extract, ray_cfg, net, missing, str(tmp_path / "x.parquet"), [2], meta)
+    with pytest.raises(ConfigError) as there_err:
+        engine.on_device(features.extract, ray_cfg, net, missing, str(tmp_path / "x.parquet"), [2], meta, remote=True)
+    assert str(there_err.value) == str(here_err.value) and "not-there.parquet" in str(there_err.value)
 
 
 def test_validation_runs_every_val_every_epochs_with_each_report_and_at_the_end(ray_runtime, tmp_path):
