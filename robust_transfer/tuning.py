@@ -164,9 +164,9 @@ class Mailbox:
             if time.monotonic() > deadline:
                 raise queue.Empty
             time.sleep(0.05)
-        item = pickle.loads(path.read_bytes())
-        path.unlink()
-        return item
+        data = path.read_bytes()
+        path.unlink()  # read once, even if it cannot be unpickled
+        return pickle.loads(data)
 
     def empty(self) -> bool:
         return self._next() is None
@@ -224,6 +224,10 @@ def trial_class():
             job["options"].update(config["options"])
             self.epochs = job["train"]["epochs"]
             self.mailbox = Mailbox(tempfile.mkdtemp(prefix="rt-trial-"))
+            # Test hook (RT_FAIL_TRIAL_ONCE, set where the search starts): each trial fails once, in its
+            # first step while its run trains, as a lost trial actor would; Tune must run it again.
+            self.fault = (Path(job["fail_trial_once"]) / engine.job_hash(config["options"])
+                          if job.get("fail_trial_once") else None)
             trainer = engine.make_trainer(job, ray_cfg, storage, job["name"],
                                           callbacks=_relay_callbacks(self.mailbox, clean_floor))
             self.controller, self.outcome = None, {}
@@ -238,6 +242,12 @@ def trial_class():
             self.runner.start()
 
         def step(self):
+            if self.fault is not None and not self.fault.exists():
+                # once the run is under way (its handle and a first report sent, neither read yet)
+                while len(list(self.mailbox.folder.glob("*.msg"))) < 2 and self.runner.is_alive():
+                    time.sleep(0.05)
+                self.fault.write_text("failed once\n")
+                raise RuntimeError("injected trial failure (RT_FAIL_TRIAL_ONCE)")
             while True:
                 try:
                     kind, item = self.mailbox.get(timeout=0.5)
@@ -262,6 +272,19 @@ def trial_class():
             pass
 
         def cleanup(self):
+            # A trial that failed before it read its run's controller handle must still end that run,
+            # or the run's placement group holds its workers' CPUs for the rest of the stage and the
+            # trial's retry (and every later trial) may wait for them forever.
+            deadline = time.monotonic() + 60
+            while self.runner.is_alive() and self.controller is None and time.monotonic() < deadline:
+                try:
+                    kind, item = self.mailbox.get(timeout=0.5)
+                except Empty:
+                    continue
+                except Exception:  # a message that cannot be read is dropped; the handle may follow
+                    continue
+                if kind == "controller":
+                    self.controller = item
             if self.runner.is_alive() and self.controller is not None:
                 try:
                     ray.get(self.controller.abort.remote(), timeout=120)
@@ -287,6 +310,10 @@ def search(model: str, job: dict, space: dict[str, tuple[float, float]], cfg: Tu
     trial_ray = dataclasses.replace(ray_cfg, num_workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_worker)
     grace = grace_epochs(method, options, epochs, cfg.grace_frac)
     job = dict(job, name=f"tune-{model}", report_epochs=rung_epochs(grace, cfg.reduction_factor, epochs))
+    if os.environ.get("RT_FAIL_TRIAL_ONCE"):  # test hook: see TransferTrial.setup
+        import tempfile
+
+        job["fail_trial_once"] = tempfile.mkdtemp(prefix="rt-trial-faults-")
     trainable = tune.with_parameters(trial_class(), job=job, ray_cfg=trial_ray, storage=storage,
                                      clean_floor=cfg.clean_floor)
     # The driver only launches its workers and waits: it holds `driver_cpus` (0 by default) and a

@@ -520,6 +520,26 @@ def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_t
     assert str(there_err.value) == str(here_err.value) and "not-there.parquet" in str(there_err.value)
 
 
+def test_a_failed_tune_trial_runs_again_and_its_first_run_frees_the_cpus(ray_runtime, tmp_path, monkeypatch):
+    """A Tune trial whose actor fails (RT_FAIL_TRIAL_ONCE: every trial raises once, in its first step,
+    while its Train run trains and before it has read that run's handle) runs again (ray.max_failures)
+    and completes, so the choice still sees it. Each trial's workers take every CPU of the runtime:
+    had the failed attempt's Train run kept its placement group, the retry could not start."""
+    import ray
+
+    from robust_transfer import tuning
+    from robust_transfer.config import TuneConfig
+
+    monkeypatch.setenv("RT_FAIL_TRIAL_ONCE", "1")
+    job = dict(_job("retry", epochs=4, batch_size=256), method="trades", options={"beta": 6.0})
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = TuneConfig(num_samples=2, max_concurrent_trials=1, cpus_per_worker=cpus, grace_frac=0.5)
+    rows = tuning.search("retry", job, {"beta": (1.0, 6.0)}, cfg, RayConfig(num_workers=1, max_failures=1),
+                         str(tmp_path), progress=False)
+    assert [(r["status"], r["error"]) for r in rows] == [("completed", None)] * 2, rows
+    assert all(r["epochs_done"] == 4 and 0 <= r["val_pgd_acc"] <= r["val_clean_acc"] for r in rows)
+
+
 def test_validation_runs_every_val_every_epochs_with_each_report_and_at_the_end(ray_runtime, tmp_path):
     """train.val_every spaces the per-epoch PGD check; a Tune trial's report epochs (ASHA's rungs)
     and the last epoch are always validated, since what reads them needs the val_* metrics. How often
