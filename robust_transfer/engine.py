@@ -252,8 +252,8 @@ def make_trainer(job: dict, ray_cfg: RayConfig, storage, name: str, callbacks=()
 
 def _trainer_class(num_workers: int):
     """Ray Train's trainer for `num_workers` (below), less two helper actors that a job of ours does
-    not use, each a process to start per run: the datasets manager (we pass no Ray Datasets; workers read Parquet themselves), and,
-    where the cluster has no dashboard, the placement-group cleaner (it polls the dashboard's state
+    not use, each a process to start per run: the datasets manager (we pass no Ray Datasets; workers
+    read Parquet themselves), and, where the cluster has no dashboard, the placement-group cleaner (it polls the dashboard's state
     API every second and, without one, only logs a warning each time; it guards against a controller
     dying uncleanly, and Ray frees a dead job's placement groups when its driver exits anyway).
     Our local runtime runs without a dashboard: on 2 cores it costs more than the jobs.

@@ -147,11 +147,18 @@ class Mailbox:
         tmp.write_bytes(pickle.dumps(item))  # an actor handle pickles as in any Ray task argument
         os.replace(tmp, self.folder / f"{name}.msg")
 
-    def _next(self) -> Optional[Path]:
+    def _messages(self) -> list[Path]:
         # (A hidden temporary name is not enough: pathlib's glob matches names that start with a dot,
         # and a trial read a half-written ".<name>.msg" once: EOFError, its trial lost.)
-        names = sorted(self.folder.glob("*.msg"))
+        return sorted(self.folder.glob("*.msg"))
+
+    def _next(self) -> Optional[Path]:
+        names = self._messages()
         return names[0] if names else None
+
+    def pending(self) -> int:
+        """How many messages are sent and not yet read."""
+        return len(self._messages())
 
     def get(self, timeout: float):
         """The oldest unread message; raises queue.Empty after `timeout` seconds without one."""
@@ -244,7 +251,7 @@ def trial_class():
         def step(self):
             if self.fault is not None and not self.fault.exists():
                 # once the run is under way (its handle and a first report sent, neither read yet)
-                while len(list(self.mailbox.folder.glob("*.msg"))) < 2 and self.runner.is_alive():
+                while self.mailbox.pending() < 2 and self.runner.is_alive():
                     time.sleep(0.05)
                 self.fault.write_text("failed once\n")
                 raise RuntimeError("injected trial failure (RT_FAIL_TRIAL_ONCE)")
@@ -279,9 +286,7 @@ def trial_class():
             while self.runner.is_alive() and self.controller is None and time.monotonic() < deadline:
                 try:
                     kind, item = self.mailbox.get(timeout=0.5)
-                except Empty:
-                    continue
-                except Exception:  # a message that cannot be read is dropped; the handle may follow
+                except Exception:  # none yet (queue.Empty), or one that cannot be read: the handle may follow
                     continue
                 if kind == "controller":
                     self.controller = item
