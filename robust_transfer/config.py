@@ -596,10 +596,28 @@ class EvaluateConfig:
 @dataclass
 class ReportConfig:
     title: str = "Robustness transfer report"
+    # The papers' claims (robust_transfer.claims): their numeric bars, and per claim id (C1-C7) a
+    # note the report prints beside the verdict (what was tried where a claim does not hold).
+    claim_linear_gain: float = 0.30
+    claim_lwf_pgd: float = 0.60
+    claim_lwf_clean: float = 0.83
+    claim_rrm_gap: float = 0.05
+    claim_notes: dict = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         if not self.title:
             raise ConfigError(f"{key}.title must not be empty")
+        for name in ("claim_linear_gain", "claim_lwf_pgd", "claim_lwf_clean", "claim_rrm_gap"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name} must be an accuracy between 0 and 1, got {getattr(self, name)}")
+        for cid, note in self.claim_notes.items():
+            if cid not in CLAIM_IDS:
+                raise ConfigError(f"{key}.claim_notes.{cid}: not a claim (one of {', '.join(CLAIM_IDS)})")
+            if not isinstance(note, str):
+                raise ConfigError(f"{key}.claim_notes.{cid} must be a string, got {note!r}")
+
+
+CLAIM_IDS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 
 
 def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:

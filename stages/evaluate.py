@@ -106,6 +106,8 @@ def evaluate_one(name: str, method: str, net, extra: dict, own: dict, test: dict
             "autoattack_selected": selected,
             "train_seconds": own.get("train_seconds", extra.get("train_seconds")),
             "train_passes": own.get("train_passes", extra.get("train_passes")),
+            # the transfer stage's checks (PGD on more images than `evaluate.images`): the report's claims
+            "transfer_check": {k: own.get(k) for k in ("clean_acc", "pgd_acc", "pgd_images")},
             "eps": threat.eps, "norm": threat.norm, "test_images": len(y_all),
             "model_run_id": extra.get("run_id"), "run_id": mlrun.info.run_id, "data_hash": card["data_hash"],
         }

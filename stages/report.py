@@ -1,7 +1,8 @@
 """report: one Markdown report and PNG plots for every transferred model of the pipeline.
 
 outs: reports/report.md, reports/curves.png, reports/tradeoff.png, reports/curves.csv (all PGD curves
-in one table, a DVC plot), metrics/summary.json (one object per model, the keys in SUMMARY_KEYS)
+in one table, a DVC plot), metrics/summary.json (one object per model, the keys in SUMMARY_KEYS),
+metrics/claims.json (the papers' claims C1-C7 judged on these models: robust_transfer.claims)
 Reads metrics/evaluate/<m>.json (the evaluate stage's) for every key of transfer.models.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from robust_transfer.config import ConfigError, ReportConfig, load_section, transfer_entries
+from robust_transfer import claims
+from robust_transfer.config import ConfigError, ReportConfig, load_section, pretrain_entries, transfer_entries
 from robust_transfer.data import atomic_path, write_json
 from stages._common import run
 
@@ -56,7 +58,45 @@ def _write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def markdown(title: str, evals: dict[str, dict], front: list[str]) -> str:
+def claim_records(params: dict, evals: dict[str, dict]) -> dict[str, dict]:
+    """What robust_transfer.claims needs of each model, from its evaluate metrics and its params entry."""
+    sources, entries = pretrain_entries(params), transfer_entries(params)
+    records = {}
+    for name, ev in evals.items():
+        method, _, options = entries[name]
+        check = ev.get("transfer_check") or {}
+        if check.get("pgd_acc") is None:
+            raise ConfigError(f"metrics/evaluate/{name}.json has no transfer_check (an older evaluate stage's); "
+                              f"re-run the evaluate stage")
+        records[name] = {
+            "method": method, "init": options.get("init"),
+            "natural_source": sources.get(ev["source"], ("",))[0] == "natural",
+            "teacher": options["source"] if options["source"] in entries else None,
+            "clean_acc": check["clean_acc"], "clean_n": ev.get("test_images"),
+            "pgd_acc": check["pgd_acc"], "pgd_n": check["pgd_images"], "passes": ev.get("train_passes"),
+            "transfer_asr": ev.get("transfer_asr"), "asr_n": (ev.get("transfer_attack") or {}).get("images"),
+        }
+    return records
+
+
+def claims_markdown(verdicts: list[dict], notes: dict, evals: dict[str, dict]) -> list[str]:
+    any_ev = next(iter(evals.values()))
+    pgd_n = any_ev.get("transfer_check", {}).get("pgd_images")
+    lines = ["## The papers' claims", "",
+             f"Judged on the transfer stage's checks (clean accuracy on {any_ev.get('test_images')} test images, "
+             f"PGD-{any_ev.get('pgd_steps')} on {pgd_n}), C6 on the transfer attack above. +-: the 95 % sampling "
+             f"interval of each number or difference; *close*: a difference inside it, so another draw of test "
+             f"images could turn the verdict.", "",
+             "| claim | verdict | numbers | note |", "|---|---|---|---|"]
+    for v in verdicts:
+        verdict = {True: "holds", False: "**does not hold**", None: "not judged"}[v["holds"]]
+        if v["close"]:
+            verdict += " (close)"
+        lines.append(f"| {v['id']}: {v['claim']} | {verdict} | {v['numbers']} | {notes.get(v['id'], '')} |")
+    return lines + [""]
+
+
+def markdown(title: str, evals: dict[str, dict], front: list[str], claim_lines: list[str] = ()) -> str:
     any_ev = next(iter(evals.values()))
     eps, norm = any_ev["eps"], any_ev["norm"]
     lines = [f"# {title}", "",
@@ -91,6 +131,7 @@ def markdown(title: str, evals: dict[str, dict], front: list[str]) -> str:
                          f"{_pct(ev['autoattack_acc'])} | {100 * gap:+.1f} | {_pct(after['apgd-ce'])} | "
                          f"{_pct(after['apgd-t'])} | {_pct(after['fab-t'])} | {_pct(after['square'])} |")
         lines.append("")
+    lines += list(claim_lines)
     lines += ["## Sanity checks (Carlini et al. 2019)", ""]
     for name, ev in evals.items():
         parts = []
@@ -173,11 +214,17 @@ def main(args, params) -> None:
     _write_text("".join(rows), out / "curves.csv")
     plot_curves(evals, out / "curves.png")
     plot_tradeoff(evals, front, out / "tradeoff.png")
-    _write_text(markdown(cfg.title, evals, front), out / "report.md")
+    bars = claims.Bars(cfg.claim_linear_gain, cfg.claim_lwf_pgd, cfg.claim_lwf_clean, cfg.claim_rrm_gap)
+    verdicts = claims.paper_claims(claim_records(params, evals), bars)
+    _write_text(markdown(cfg.title, evals, front, claims_markdown(verdicts, cfg.claim_notes, evals)),
+                out / "report.md")
     write_json([summary_row(ev) for ev in evals.values()], Path("metrics") / "summary.json")
+    write_json({v["id"]: {k: v[k] for k in ("holds", "close", "numbers")} for v in verdicts},
+               Path("metrics") / "claims.json")
     failed = [n for n, ev in evals.items() if not ev["checks_passed"]]
-    print(f"report: {len(evals)} models, Pareto front {front}; checks failed: {failed or 'none'}; "
-          f"see reports/report.md")
+    said = {True: "holds", False: "does not hold", None: "not judged"}
+    print(f"report: {len(evals)} models, Pareto front {front}; checks failed: {failed or 'none'}; claims: "
+          + ", ".join(f"{v['id']} {said[v['holds']]}" for v in verdicts) + "; see reports/report.md")
 
 
 if __name__ == "__main__":

@@ -233,6 +233,19 @@ def test_evaluate_and_report_outputs_follow_the_contract(smoke_project):
     assert all(set(row) == SUMMARY_KEYS for row in summary)
     report = (smoke_project / "reports/report.md").read_text()
     assert all(f"| {name}" in report for name in models)
+    # The papers' claims, judged on the transfer stage's checks (which the evaluate stage carries)
+    transfer = {m: json.loads((smoke_project / f"metrics/transfer_{m}.json").read_text()) for m in models}
+    for name in models:
+        ev = json.loads((smoke_project / f"metrics/evaluate/{name}.json").read_text())
+        assert ev["transfer_check"] == {k: transfer[name][k] for k in ("clean_acc", "pgd_acc", "pgd_images")}
+    claims = json.loads((smoke_project / "metrics/claims.json").read_text())
+    assert list(claims) == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    gain = transfer["linear_robust"]["pgd_acc"] - transfer["linear_natural"]["pgd_acc"]
+    assert claims["C1"]["holds"] is (gain >= 0.30)
+    assert claims["C3"]["holds"] is (transfer["lwf"]["pgd_acc"] >= 0.60 and transfer["lwf"]["clean_acc"] >= 0.83)
+    assert claims["C4"] == {"holds": None, "close": False,  # the smoke pipeline has no target AT from scratch
+                            "numbers": "no target_at (init: scratch) model in transfer.models"}
+    assert "## The papers' claims" in report and "| C7: rrm's PGD accuracy" in report
     for png in ("curves.png", "tradeoff.png"):
         assert (smoke_project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
