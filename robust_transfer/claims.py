@@ -69,7 +69,7 @@ class _Claim:
     def verdict(self) -> dict:
         if self.missing:
             return {"id": self.cid, "claim": self.text, "holds": None, "close": False, "numbers": self.missing}
-        holds = all(m > 0 or (ties and m == 0) for _, m, _, ties in self.conds)
+        holds = all(m > 0 or (ties and m >= -1e-9) for _, m, _, ties in self.conds)  # (float rounding of a tie)
         close = any(abs(m) < h for _, m, h, _ in self.conds)
         return {"id": self.cid, "claim": self.text, "holds": holds, "close": close,
                 "numbers": "; ".join(text for text, *_ in self.conds)}

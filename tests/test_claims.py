@@ -63,6 +63,7 @@ def test_a_claim_fails_when_its_numbers_do_not_show_it_and_only_that_claim(model
 def test_bars_are_parameters():
     assert verdicts(HOLDING, Bars(lwf_pgd=0.70))["C3"]["holds"] is False
     assert verdicts(HOLDING, Bars(linear_gain=0.50))["C1"]["holds"] is False
+    assert verdicts(HOLDING, Bars(linear_gain=0.45))["C1"]["holds"] is True  # 0.48 - 0.03 is 0.44999...
     models = copy.deepcopy(HOLDING)
     models["rrm"]["pgd_acc"] = 0.70  # 2 points below its teacher
     assert verdicts(models, Bars(rrm_gap=0.05))["C7"]["holds"] is True
