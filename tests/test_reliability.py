@@ -520,6 +520,37 @@ def test_a_stages_own_model_work_runs_as_a_ray_task_where_this_process_has_not_t
     assert str(there_err.value) == str(here_err.value) and "not-there.parquet" in str(there_err.value)
 
 
+def test_on_device_tasks_get_a_large_input_through_the_object_store_once(ray_runtime, monkeypatch):
+    """The evaluate stage hands every model's task the same test set and source model: sent to a GPU
+    node, each large one goes into Ray's object store once (and leaves the cache when it dies), not
+    once per model; the task computes what it computes in process."""
+    import gc
+
+    import ray
+
+    from robust_transfer import evaluation
+
+    net = build_net("small_cnn", 1, 5, 28)
+    x, y = read_image_table(prepared_project() / "data" / "target_test.parquet").tensors()
+    threat = ThreatConfig(eps=0.1, step_size=0.025, eval_steps=5)
+    ray_cfg = RayConfig(num_workers=1, cpus_per_worker=1)
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda obj: puts.append(id(obj)) or real_put(obj))
+    monkeypatch.setattr(engine, "STORE_ONCE_BYTES", x.numel() * x.element_size())  # (the digits are small)
+    here = engine.on_device(evaluation.stage_checks, ray_cfg, net, x, y, threat, pgd_images=40, seed=3)
+    runs = [engine.on_device(evaluation.stage_checks, ray_cfg, net, x, y, threat, pgd_images=40, seed=3, remote=True)
+            for _ in range(3)]
+    assert runs == [here] * 3
+    assert puts.count(id(x)) == 1 and id(y) not in puts  # y is smaller: it travels with each task
+    assert len(puts) == len(set(puts))  # whatever else was large (the net), once too
+    assert id(x) in engine._STORED
+    key = id(x)
+    del x
+    gc.collect()
+    assert key not in engine._STORED
+
+
 def test_a_failed_tune_trial_runs_again_and_its_first_run_frees_the_cpus(ray_runtime, tmp_path, monkeypatch):
     """A Tune trial whose actor fails (RT_FAIL_TRIAL_ONCE: every trial raises once, in its first step,
     while its Train run trains and before it has read that run's handle) runs again (ray.max_failures)
