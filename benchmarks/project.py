@@ -77,18 +77,18 @@ class StageMemorySampler(threading.Thread):
         self.env, self.interval = env, interval
         self.peaks: dict[str, dict[str, float]] = {}
         self.runtime_peak_mb = 0.0
-        self._stop = threading.Event()
+        self._done = threading.Event()  # (not _stop: Thread.join calls its own _stop())
         self._head: Optional[int] = None
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=10)
         return {"stages": self.peaks, "ray_runtime_peak_mb": round(self.runtime_peak_mb, 1)}
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.wait(self.interval):
+        while not self._done.wait(self.interval):
             try:
                 self._sample(psutil)
             except Exception:  # a process ended mid-sample: skip this sample

@@ -253,37 +253,131 @@ def load_imagefolder(root: Optional[str]) -> dict[str, RawSplit]:
 
 def load_parquet_images(root: Optional[str]) -> dict[str, RawSplit]:
     """A user's Parquet table: `image` (encoded PNG/JPEG bytes), `label` (int), and `split`
-    ('train'/'test'); or two files `train.parquet` and `test.parquet` in the folder `root`."""
+    ('train'/'test'); or two files `train.parquet` and `test.parquet` in the folder `root`.
+    Only the labels (and split) are read here; the images stay in the file until prepare writes the
+    ones its tables take (ParquetImages), so a dataset larger than memory passes through."""
     if not root:
         raise ConfigError("data.root must name the Parquet file or folder for dataset 'parquet'")
     base = Path(root)
-    tables = {}
+    files, rows = {}, {}
     if base.is_dir():
         for split in ("train", "test"):
-            tables[split] = _read_parquet(base / f"{split}.parquet")
+            files[split] = base / f"{split}.parquet"
+            rows[split] = None  # every row
     else:
-        table = _read_parquet(base)
-        if "split" not in table.column_names:
+        schema = _read_parquet(base, pq.read_schema)
+        if "split" not in schema.names:
             raise ConfigError(f"{base} has no 'split' column; add one ('train'/'test') or give a folder "
                               f"with train.parquet and test.parquet")
-        splits = np.asarray(table.column("split").to_pylist())
+        splits = np.asarray(_read_parquet(base, lambda p: pq.read_table(p, columns=["split"])).column(0).to_pylist())
         for split in ("train", "test"):
-            tables[split] = table.filter(pa.array(splits == split))
+            files[split], rows[split] = base, np.flatnonzero(splits == split)
     out = {}
-    for split, table in tables.items():
+    for split, path in files.items():
+        schema = _read_parquet(path, pq.read_schema)
         for col in ("image", "label"):
-            if col not in table.column_names:
+            if col not in schema.names:
                 raise ConfigError(f"{root}: the {split} table has no '{col}' column")
-        blobs = table.column("image").to_pylist()
-        if not blobs:
+        labels = np.asarray(_read_parquet(path, lambda p: pq.read_table(p, columns=["label"])).column(0).to_pylist(),
+                            dtype=np.int64)
+        picked = np.arange(len(labels)) if rows[split] is None else rows[split]
+        labels = labels[picked]
+        if not len(labels):
             raise ConfigError(f"{root}: the {split} table is empty")
-        images = _stack([_decode(b, f"{root} row {i}") for i, b in enumerate(blobs)], str(root))
-        labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-        meta = table.schema.metadata or {}
+        meta = schema.metadata or {}
         names = json.loads(meta[b"class_names"]) if b"class_names" in meta else \
             [str(i) for i in range(int(labels.max()) + 1)]
-        out[split] = RawSplit(images, labels, names)
+        out[split] = RawSplit(ParquetImages(path, picked, str(root)), labels, names)
     return out
+
+
+class ParquetImages:
+    """The encoded images of a Parquet file at the row positions `rows` (ascending), decoded only when
+    read, a record batch at a time: `batches()` streams them, `np.asarray` reads them all, indexing
+    selects rows without reading any. The prepare stage writes its tables from these batches."""
+
+    def __init__(self, path: Path, rows: np.ndarray, where: str, shape: Optional[tuple] = None):
+        self.path, self.rows, self.where, self._shape = path, np.asarray(rows, dtype=np.int64), where, shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> "ParquetImages":
+        rows = self.rows[idx]
+        if np.any(np.diff(rows) < 0):
+            raise ValueError("ParquetImages keeps its rows in file order: index it with ascending positions")
+        return ParquetImages(self.path, rows, self.where, self._shape)
+
+    @property
+    def shape(self) -> tuple:
+        if self._shape is None:
+            first = next(self[:1].batches(), None)
+            self._shape = tuple(first.shape[1:]) if first is not None else ()
+        return (len(self.rows), *self._shape)
+
+    def batches(self, size: int = 2048) -> Iterator[np.ndarray]:
+        if not len(self.rows):
+            return
+        pf = _read_parquet(self.path, streaming_file)
+        start = 0
+        for batch in pf.iter_batches(batch_size=size, columns=["image"], use_threads=False):
+            lo, hi = np.searchsorted(self.rows, [start, start + len(batch)])
+            if hi > lo:
+                col = batch.column(0)
+                images = _stack([_decode(col[int(r - start)].as_py(), f"{self.where} row {r}") for r in self.rows[lo:hi]],
+                                self.where)
+                if self._shape is not None and tuple(images.shape[1:]) != self._shape:
+                    raise ConfigError(f"{self.where}: images differ in shape {sorted({self._shape, images.shape[1:]})}; "
+                                      f"resize them to one shape first")
+                self._shape = tuple(images.shape[1:])
+                yield images
+            start += len(batch)
+            if start > self.rows[-1]:
+                break
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        parts = list(self.batches())
+        images = np.concatenate(parts) if parts else np.zeros((0, *(self._shape or (1, 1, 1))), np.uint8)
+        return images if dtype is None else images.astype(dtype)
+
+
+def image_batches(images, size: int = 2048) -> Iterator[np.ndarray]:
+    """An image array, or ParquetImages, in batches of `size` images (the last one smaller)."""
+    if not isinstance(images, ParquetImages):
+        for i in range(0, len(images), size):
+            yield images[i:i + size]
+        return
+    pending, count = [], 0  # what the file's batches selected, regrouped: at most about 2 x size images
+    for part in images.batches(size):
+        pending.append(part)
+        count += len(part)
+        while count >= size:
+            whole = np.concatenate(pending)
+            yield whole[:size]
+            pending, count = [whole[size:]], count - size
+    if count:
+        yield np.concatenate(pending)
+
+
+def give_back_freed_buffers() -> None:
+    """On glibc, serve buffers of 128 KiB and more from mmap, so that freeing one returns it to the OS.
+    glibc raises that threshold as a process frees large buffers, after which a streaming loop's
+    batch-sized buffers come from a heap that only grows: the extract stage's peak RSS rose by 35 MiB
+    at 4x the rows, with no table held; with this it stays flat (benchmarks/memory.py). A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def streaming_file(path: Path) -> pq.ParquetFile:
+    """A Parquet file to read in record batches holding only a few pages at a time: with the default
+    buffer_size 0, pyarrow reads a row group's whole column chunk first, and a user's table is often
+    one row group (then streaming it held it all). One thread: no row group is read ahead."""
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
 
 
 def _read_parquet(path: Path, read=pq.read_table):
@@ -352,7 +446,8 @@ def resize_to(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def make_task_split(cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]]:
-    """{table name: (images, task labels, dataset labels, class names)} for the five tables."""
+    """{table name: (images, task labels, dataset labels, class names)} for the six tables; a Parquet
+    dataset's images are ParquetImages, read when the tables are written (write_task_tables)."""
     rng = np.random.default_rng(cfg.seed)
     src = load_source(cfg.dataset, cfg.root)
     tgt = src if cfg.target_dataset in (None, cfg.dataset) else load_source(cfg.target_dataset, cfg.target_root)
@@ -366,9 +461,9 @@ def make_task_split(cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray, 
         sub, task_labels = select_classes(split, classes, key)
         where = "data.shots" if per_class else f"data.{name}_size"
         idx = stratified_take(task_labels, per_class, cap, rng, where)
-        images = sub.images[idx]
-        if name.startswith("target") and tgt is not src:
-            images = resize_to(images, src["train"].images.shape[1:])
+        images = sub.images[idx]  # (ParquetImages: still unread)
+        if name.startswith("target") and tgt is not src:  # target tables are few-shot or capped: in memory
+            images = resize_to(np.asarray(images), src["train"].images.shape[1:])
         out[name] = (images, task_labels[idx], sub.labels[idx], sub.class_names)
     # The validation split for tune: val_shots per class carved out of the target shots, never the test set.
     images, labels, orig, names = out["target_train"]
@@ -429,6 +524,34 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
+# Rows per Parquet row group of an image table: readers that stream a table (extract, a Ray Data user)
+# hold one row group at a time, so it bounds their memory (28x28: 4 MB; CIFAR's 32x32x3: 12 MB).
+IMAGE_ROW_GROUP = 4096
+
+
+def write_image_table(images, labels: np.ndarray, orig_labels: np.ndarray, class_names: list[str],
+                      path: str | Path) -> None:
+    """An image table (to_table's columns and metadata) written to `path` a batch at a time, from an
+    array or ParquetImages (decoded batch by batch: the table never sits in memory whole). Callers
+    write to a temporary path (atomic_write), since a bad image can stop it half-way."""
+    give_back_freed_buffers()
+    labels, orig_labels = np.asarray(labels), np.asarray(orig_labels)
+    writer, done = None, 0
+    try:
+        for part in image_batches(images, IMAGE_ROW_GROUP):
+            table = to_table(part, labels[done:done + len(part)], orig_labels[done:done + len(part)], class_names)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=IMAGE_ROW_GROUP)
+            done += len(part)
+        if writer is None:  # no rows: an empty table with the schema
+            empty = np.zeros((0, *(images.shape[1:] or (1, 1, 1))), np.uint8)
+            pq.write_table(to_table(empty, labels[:0], orig_labels[:0], class_names), path, compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -478,9 +601,9 @@ def read_image_table(path: str | Path, columns=("image", "label")) -> ImageTable
 def iter_image_batches(path: str | Path, batch_size: int) -> Iterator[ImageTable]:
     """Stream an image table in record batches, so tables larger than memory pass through."""
     path = Path(path)
-    pf = _read_parquet(path, pq.ParquetFile)
+    pf = _read_parquet(path, streaming_file)
     shape, names = _image_meta(path, pf.schema_arrow)
-    for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label"]):
+    for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label"], use_threads=False):
         col = batch.column(0)
         size = int(np.prod(shape))
         raw = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * size, offset=col.offset * size)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .config import ConfigError
-from .data import atomic_write, iter_image_batches
+from .data import atomic_write, give_back_freed_buffers, iter_image_batches
 
 
 def _fixed_list(arr: np.ndarray) -> pa.Array:
@@ -29,6 +29,7 @@ def _fixed_list(arr: np.ndarray) -> pa.Array:
 def extract(net, images_path: str | Path, out_path: str | Path, ks: list[int], meta: dict,
             batch_size: int = 512, device: str = "cpu") -> int:
     """Write `net`'s features of every image in `images_path` to `out_path`; returns the row count."""
+    give_back_freed_buffers()  # a batch at a time, in constant memory
     net = net.to(device).eval()
     writer, rows, shapes = None, 0, {}
     with atomic_write(out_path) as tmp:  # a failed or killed extraction leaves the old table in place

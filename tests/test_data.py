@@ -318,3 +318,67 @@ def test_data_card_detects_a_changed_table(tmp_path):
         verify_card(card, {"t": path})
     with pytest.raises(ConfigError, match="missing data card"):
         verify_card(tmp_path / "nope.json", {"t": path})
+
+
+# ----------------------------------------------------------------------------- streaming prepare
+def _parquet_source(folder: Path, n_train: int = 60, n_test: int = 30, bad_test_row=None) -> dict:
+    """A user's dataset as train.parquet/test.parquet (5 classes of 6x6 grey PNGs); returns the images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        imgs = _images(n, 6, 6, 1)
+        blobs = [_png(img) for img in imgs]
+        if split == "test" and bad_test_row is not None:
+            blobs[bad_test_row] = b"not a png"
+        pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": _labels(n, 5)}),
+                       folder / f"{split}.parquet")
+        out[split] = imgs
+    return out
+
+
+def test_a_parquet_source_is_read_only_where_a_table_takes_its_images(tmp_path, monkeypatch):
+    """Loading a Parquet dataset reads its labels; the images stay in the file until a table is
+    written, a bounded batch at a time, in row groups of IMAGE_ROW_GROUP rows (what a streaming reader
+    holds): the written tables equal what the whole arrays give."""
+    from robust_transfer import data
+
+    written = _parquet_source(tmp_path / "ds", bad_test_row=2)  # class 2: no table takes it, never decoded
+    out = load_source("parquet", str(tmp_path / "ds"))
+    assert isinstance(out["train"].images, data.ParquetImages) and out["train"].images.shape == (60, 6, 6, 1)
+    assert np.array_equal(out["train"].images, written["train"])
+    cfg = build(DataConfig, {"dataset": "parquet", "root": str(tmp_path / "ds"), "source_classes": [0, 1],
+                             "target_classes": [3, 4], "shots": 4, "val_shots": 1, "seed": 0}, "data")
+    split = make_task_split(cfg)
+    monkeypatch.setattr(data, "IMAGE_ROW_GROUP", 8)
+    for name, (images, labels, orig, names) in split.items():
+        assert isinstance(images, data.ParquetImages)
+        path = tmp_path / f"{name}.parquet"
+        data.write_image_table(images, labels, orig, names, path)
+        back = read_image_table(path)
+        source = written["train" if name in ("source_train", "target_train", "target_fit", "target_val") else "test"]
+        assert np.array_equal(back.images, source[images.rows]) and back.labels.tolist() == labels.tolist()
+        assert pq.ParquetFile(path).metadata.num_row_groups == -(-len(labels) // 8)
+    _check_split({k: (np.asarray(v[0]), *v[1:]) for k, v in split.items()}, cfg)
+
+
+def test_a_bad_image_stops_prepare_in_one_line_and_replaces_no_table(tmp_path):
+    """Images are decoded as the tables are written: one that is not an image stops the stage, naming
+    its row, after some tables are done; every table and the card stay as they were."""
+    from rt_testlib import run_stage, smoke_params, write_params
+
+    _parquet_source(tmp_path / "ds", bad_test_row=3)  # label 3: a target class, in target_test
+    params = smoke_params(data={"dataset": "parquet", "root": str(tmp_path / "ds"), "source_classes": [0, 1],
+                                "target_classes": [3, 4], "shots": 4, "val_shots": 1, "source_train_size": None,
+                                "source_test_size": None, "target_test_size": None})
+    write_params(tmp_path, params)
+    (tmp_path / "data").mkdir()
+    before = {n: f"old {n}".encode() for n in ("source_train", "source_test", "target_train", "card")}
+    for name, blob in before.items():
+        (tmp_path / "data" / (f"{name}.json" if name == "card" else f"{name}.parquet")).write_bytes(blob)
+    proc = run_stage(tmp_path, "prepare")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'ds'} row 3 is not a readable image"
+    for name, blob in before.items():
+        assert (tmp_path / "data" / (f"{name}.json" if name == "card" else f"{name}.parquet")).read_bytes() == blob
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
+        f"{n}.json" if n == "card" else f"{n}.parquet" for n in before)  # no temporary left
