@@ -269,17 +269,19 @@ def load_parquet_images(root: Optional[str]) -> dict[str, RawSplit]:
         if "split" not in schema.names:
             raise ConfigError(f"{base} has no 'split' column; add one ('train'/'test') or give a folder "
                               f"with train.parquet and test.parquet")
-        splits = np.asarray(_read_parquet(base, lambda p: pq.read_table(p, columns=["split"])).column(0).to_pylist())
+        splits = _read_parquet(base, lambda p: pq.read_table(p, columns=["split"])).column(0).to_numpy()
         for split in ("train", "test"):
             files[split], rows[split] = base, np.flatnonzero(splits == split)
-    out = {}
+    out, labels_of = {}, {}  # (one file with a split column: its labels read once for both splits)
     for split, path in files.items():
         schema = _read_parquet(path, pq.read_schema)
         for col in ("image", "label"):
             if col not in schema.names:
                 raise ConfigError(f"{root}: the {split} table has no '{col}' column")
-        labels = np.asarray(_read_parquet(path, lambda p: pq.read_table(p, columns=["label"])).column(0).to_pylist(),
-                            dtype=np.int64)
+        if path not in labels_of:
+            labels_of[path] = _read_parquet(path, lambda p: pq.read_table(p, columns=["label"])).column(0) \
+                .to_numpy().astype(np.int64)
+        labels = labels_of[path]
         picked = np.arange(len(labels)) if rows[split] is None else rows[split]
         labels = labels[picked]
         if not len(labels):
@@ -447,7 +449,7 @@ def resize_to(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 def make_task_split(cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]]:
     """{table name: (images, task labels, dataset labels, class names)} for the six tables; a Parquet
-    dataset's images are ParquetImages, read when the tables are written (write_task_tables)."""
+    dataset's images are ParquetImages, read when the tables are written (write_image_table)."""
     rng = np.random.default_rng(cfg.seed)
     src = load_source(cfg.dataset, cfg.root)
     tgt = src if cfg.target_dataset in (None, cfg.dataset) else load_source(cfg.target_dataset, cfg.target_root)
