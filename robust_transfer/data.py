@@ -221,8 +221,9 @@ def _decode(blob: bytes, where: str) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _stack(images: list[np.ndarray], where: str) -> np.ndarray:
-    shapes = {im.shape for im in images}
+def _stack(images: list[np.ndarray], where: str, like: Optional[tuple] = None) -> np.ndarray:
+    """One array of same-shaped images (and of the shape `like`, the batches before them)."""
+    shapes = {im.shape for im in images} | ({like} if like else set())
     if len(shapes) != 1:
         raise ConfigError(f"{where}: images differ in shape {sorted(shapes)[:3]}; resize them to one shape first")
     return np.stack(images)
@@ -327,10 +328,7 @@ class ParquetImages:
             if hi > lo:
                 col = batch.column(0)
                 images = _stack([_decode(col[int(r - start)].as_py(), f"{self.where} row {r}") for r in self.rows[lo:hi]],
-                                self.where)
-                if self._shape is not None and tuple(images.shape[1:]) != self._shape:
-                    raise ConfigError(f"{self.where}: images differ in shape {sorted({self._shape, images.shape[1:]})}; "
-                                      f"resize them to one shape first")
+                                self.where, like=self._shape)
                 self._shape = tuple(images.shape[1:])
                 yield images
             start += len(batch)

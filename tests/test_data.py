@@ -382,3 +382,13 @@ def test_a_bad_image_stops_prepare_in_one_line_and_replaces_no_table(tmp_path):
         assert (tmp_path / "data" / (f"{name}.json" if name == "card" else f"{name}.parquet")).read_bytes() == blob
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
         f"{n}.json" if n == "card" else f"{n}.parquet" for n in before)  # no temporary left
+
+
+def test_parquet_images_of_another_shape_in_a_later_batch_are_rejected(tmp_path):
+    """The shape check spans batches: an image that differs from the batches before it stops the read."""
+    imgs = [_images(1, 6, 6, 1)[0]] * 4 + [_images(1, 7, 7, 1)[0]] * 2  # the third batch of two: all 7x7
+    pq.write_table(pa.table({"image": [_png(i) for i in imgs], "label": [0, 1] * 3}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"image": [_png(imgs[0])] * 2, "label": [0, 1]}), tmp_path / "test.parquet")
+    images = load_source("parquet", str(tmp_path))["train"].images
+    with pytest.raises(ConfigError, match=r"images differ in shape \[\(6, 6, 1\), \(7, 7, 1\)\]"):
+        list(images.batches(2))
