@@ -16,6 +16,8 @@ from robust_transfer.config import ConfigError, ReportConfig, load_section, pret
 from robust_transfer.data import atomic_path, write_json
 from stages._common import run
 
+SAID = {True: "holds", False: "does not hold", None: "not judged"}  # a claim's verdict, in words
+
 SUMMARY_KEYS = ("method", "source", "shots", "clean_acc", "pgd_acc", "autoattack_acc", "transfer_asr",
                 "checks_passed", "train_seconds", "train_passes")
 
@@ -89,7 +91,7 @@ def claims_markdown(verdicts: list[dict], notes: dict, evals: dict[str, dict]) -
              f"images could turn the verdict.", "",
              "| claim | verdict | numbers | note |", "|---|---|---|---|"]
     for v in verdicts:
-        verdict = {True: "holds", False: "**does not hold**", None: "not judged"}[v["holds"]]
+        verdict = f"**{SAID[False]}**" if v["holds"] is False else SAID[v["holds"]]
         if v["close"]:
             verdict += " (close)"
         lines.append(f"| {v['id']}: {v['claim']} | {verdict} | {v['numbers']} | {notes.get(v['id'], '')} |")
@@ -222,9 +224,8 @@ def main(args, params) -> None:
     write_json({v["id"]: {k: v[k] for k in ("holds", "close", "numbers")} for v in verdicts},
                Path("metrics") / "claims.json")
     failed = [n for n, ev in evals.items() if not ev["checks_passed"]]
-    said = {True: "holds", False: "does not hold", None: "not judged"}
     print(f"report: {len(evals)} models, Pareto front {front}; checks failed: {failed or 'none'}; claims: "
-          + ", ".join(f"{v['id']} {said[v['holds']]}" for v in verdicts) + "; see reports/report.md")
+          + ", ".join(f"{v['id']} {SAID[v['holds']]}" for v in verdicts) + "; see reports/report.md")
 
 
 if __name__ == "__main__":
